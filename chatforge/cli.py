@@ -1,0 +1,138 @@
+"""The `chatforge` command: thin typer commands, one per stage (logic lives in stages/ and core/).
+
+User errors (bad input, bad config) print one line and exit 1; run under torchrun with
+`torchrun --nproc-per-node N -m chatforge.cli STAGE ...`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from chatforge.core.io import UserError
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train chat assistants the way ChatGPT was trained.")
+data_app = typer.Typer(no_args_is_help=True, help="Corpus preparation.")
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Tokenizers.")
+app.add_typer(data_app, name="data")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file.")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a config key: --set train.max_steps=100 (repeatable).")
+ResumeOpt = typer.Option(True, "--resume/--no-resume", help="Resume from the out dir's last checkpoint.")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    inputs: list[Path] = typer.Argument(None, help="Files or dirs (.txt .jsonl .parquet, .gz); none = embedded corpus."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output dir (shards, text, tokenizer, report.json)."),
+    tokenizer: Path = typer.Option(None, "--tokenizer", help="Tokenize with this HF tokenizer dir (else train one)."),
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+) -> None:
+    """Normalize, filter, dedup (exact + MinHash), split and tokenize a corpus into shards."""
+    from chatforge.config import load_config
+    from chatforge.core.log import console
+    from chatforge.data.corpus import PrepareConfig, format_report, prepare
+
+    cfg = load_config(PrepareConfig, config, set_)
+    report = prepare(list(inputs) if inputs else None, out, cfg, tokenizer=tokenizer)
+    console.print(format_report(report))
+    console.print(f"wrote {out}/ (report: {out / 'report.json'})")
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    inputs: list[Path] = typer.Argument(None, help="Text files, JSONL (text field) or a prepared data dir."),
+    vocab_size: int = typer.Option(4096, "--vocab-size"),
+    out: Path = typer.Option(..., "--out", "-o"),
+    text_field: str = typer.Option("text", "--text-field"),
+) -> None:
+    """Train a byte-level BPE with chat special tokens and a chat template."""
+    from chatforge.core.log import console
+    from chatforge.core.tokenizer import train_tokenizer
+    from chatforge.data.corpus import iter_documents
+
+    docs = iter_documents(list(inputs) if inputs else None, text_field=text_field)
+    tok = train_tokenizer(docs, vocab_size, out)
+    console.print(f"tokenizer with {len(tok)} tokens written to {out}")
+
+
+@app.command()
+def pretrain(
+    out: Path = typer.Option(..., "--out", "-o", help="Run dir."),
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    resume: bool = ResumeOpt,
+) -> None:
+    """Next-token pretraining (from scratch, sized by model.depth, or continuing model.from)."""
+    from chatforge.config import PretrainConfig, load_config
+    from chatforge.stages import pretrain as stage
+
+    stage.run(load_config(PretrainConfig, config, set_), out, resume=resume)
+
+
+@app.command()
+def bench(
+    stage: str = typer.Argument(..., help="pretrain | generate"),
+    out: Path = typer.Option(None, "--out", "-o", help="Write the JSON result here."),
+    quick: bool = typer.Option(False, "--quick", help="Smaller sizes, for a smoke run."),
+) -> None:
+    """Throughput, MFU vs the measured matmul peak, peak memory; side by side with a peer where one exists."""
+    import json
+
+    from chatforge.bench import run_bench
+
+    result = run_bench(stage, quick=quick)
+    if out:
+        from chatforge.core.io import write_json
+
+        write_json(out, result)
+    else:
+        print(json.dumps(result, indent=2))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o"),
+    quick: bool = typer.Option(False, "--quick", help="Tiny sizes (what the test suite runs)."),
+) -> None:
+    """The pipeline on embedded data, CPU only."""
+    from chatforge.stages import demo as stage
+
+    stage.run(out, quick=quick)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        from chatforge.core.log import err_console
+
+        err_console.print(f"[red]error:[/red] {e}", soft_wrap=True)
+        sys.exit(1)
+    except (typer.Exit, SystemExit) as e:
+        sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

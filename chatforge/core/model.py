@@ -1,0 +1,118 @@
+"""Models are Hugging Face causal LMs: a small Llama sized by `depth`, or any existing model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chatforge.config import ModelConfig
+from chatforge.core.io import UserError, atomic_dir
+
+
+def llama_config_for(cfg: ModelConfig, tok: Any) -> Any:
+    """nanochat's size dial: width = depth * aspect; heads from head_dim; MLP from mlp_ratio."""
+    from transformers import LlamaConfig
+
+    width = cfg.depth * cfg.aspect
+    heads = max(1, width // cfg.head_dim)
+    if width % heads:
+        raise UserError(f"model width {width} is not divisible by {heads} heads; change model.aspect/head_dim")
+    ffn = max(32, int(round(cfg.mlp_ratio * width / 32)) * 32)
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=width,
+        intermediate_size=ffn,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=cfg.tie_embeddings,
+    )
+
+
+def build_model(cfg: ModelConfig, tok: Any, seed: int) -> Any:
+    """A freshly initialised Llama (deterministic under `seed`)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config_for(cfg, tok))
+    return model
+
+
+def resolve_model_path(spec: str) -> Path:
+    """A name, path, run dir or hub id -> a local HF model dir (see core/hub.py)."""
+    try:
+        from chatforge.core.hub import resolve_model
+    except ImportError:  # hub support not installed in this tree
+        p = Path(spec)
+        if (p / "model" / "config.json").exists():
+            return p / "model"
+        if (p / "config.json").exists():
+            return p
+        raise UserError(f"model not found: {spec}") from None
+    return Path(resolve_model(spec))
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(spec)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except Exception as e:
+        raise UserError(f"cannot load model from {path}: {e}") from e
+
+
+def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, Path]:
+    from chatforge.core.tokenizer import load_tokenizer
+
+    path = resolve_model_path(spec)
+    model = load_model(str(path), dtype)
+    tok = load_tokenizer(path)
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok))
+    return model, tok, path
+
+
+def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def unwrap(model: Any) -> Any:
+    """The bare HF model under DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_model(model: Any, tok: Any, out_dir: Path) -> None:
+    """save_pretrained (safetensors) + tokenizer, atomically: loadable with plain transformers."""
+    bare = unwrap(model)
+    if hasattr(bare, "merge_and_unload") and hasattr(bare, "peft_config"):
+        import copy
+
+        bare = copy.deepcopy(bare).merge_and_unload()  # final model/ loads with no peft import
+    with atomic_dir(out_dir) as tmp:
+        bare.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+
+def flops_per_token(model: Any, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * N (non-embedding params) + attention 12 * L * d * T (PaLM app. B)."""
+    cfg = unwrap(model).config
+    n = count_params(unwrap(model))
+    if not getattr(cfg, "tie_word_embeddings", False):  # a tied matrix still does the lm_head matmul
+        n -= unwrap(model).get_input_embeddings().weight.numel()
+    layers, width = cfg.num_hidden_layers, cfg.hidden_size
+    return 6 * n + 12 * layers * width * seq_len
