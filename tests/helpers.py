@@ -1,0 +1,36 @@
+"""Shared test helpers: a tiny prepared data dir built without the corpus pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+STORY = (
+    "Once upon a time there was a little girl named Lily. She liked to play outside in the sun. "
+    "One day she saw a big red ball in the park. She ran to get it and laughed with her friend Tom. "
+)
+
+
+def make_data_dir(root: Path, tok, n_docs: int = 120) -> Path:
+    """Shards in `data prepare`'s format (meta.json + train/val .bin), from repeated short stories."""
+    root.mkdir(parents=True, exist_ok=True)
+    ids: list[int] = []
+    for i in range(n_docs):
+        ids += [tok.bos_token_id] + tok.encode(f"{STORY} Story {i}.", add_special_tokens=False)
+    arr = np.array(ids, dtype=np.uint16)
+    cut = len(arr) * 9 // 10
+    for split, part in (("train", arr[:cut]), ("val", arr[cut:])):
+        (root / split).mkdir(exist_ok=True)
+        part.tofile(root / split / "shard-00000.bin")
+    tok.save_pretrained(root / "tokenizer")
+    meta = {"dtype": "uint16", "vocab_size": len(tok), "bos_id": tok.bos_token_id, "tokenizer": "tokenizer",
+            "splits": {"train": {"shards": ["shard-00000.bin"], "tokens": int(cut)},
+                       "val": {"shards": ["shard-00000.bin"], "tokens": int(len(arr) - cut)}}}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+TINY = ["model.depth=1", "model.aspect=64", "model.head_dim=32", "train.seq_len=32", "train.batch_size=4",
+        "train.warmup_steps=2", "train.log_every=5", "log.tensorboard=false"]
