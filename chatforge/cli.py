@@ -81,6 +81,25 @@ def pretrain(
 
 
 @app.command()
+def sft(
+    model: str = typer.Option(None, "--model", "-m", help="Run dir, HF dir, model name or hub id."),
+    data: list[str] = typer.Option(None, "--data", "-d", help="Conversations: JSONL, embedded:NAME, tasks:N."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run dir."),
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    resume: bool = ResumeOpt,
+) -> None:
+    """Supervised fine-tuning on conversations; loss on assistant tokens only."""
+    from chatforge.config import SFTConfig, load_config
+    from chatforge.stages import sft as stage
+
+    cfg = load_config(SFTConfig, config, set_)
+    cfg.model = model or cfg.model
+    cfg.data.paths = list(data) if data else cfg.data.paths
+    stage.run(cfg, out, resume=resume)
+
+
+@app.command()
 def bench(
     stage: str = typer.Argument(..., help="pretrain | generate"),
     out: Path = typer.Option(None, "--out", "-o", help="Write the JSON result here."),

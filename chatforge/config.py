@@ -304,3 +304,36 @@ def to_dict(cfg: Any) -> dict:
         return obj
 
     return conv(cfg)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters via peft (reference model = adapters off)."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str = "all-linear"
+    """peft target_modules: 'all-linear' or a comma-separated list of module names."""
+
+
+@dataclass
+class SFTDataConfig:
+    paths: list[str] = field(default_factory=list)
+    """Conversation JSONL paths, `embedded:NAME` or `tasks:N` (N task-suite demonstrations per family)."""
+    val_fraction: float = 0.05
+    packing: bool = True
+    truncation: Literal["turns", "drop"] = "turns"
+    """Too-long conversations: drop trailing turns until they fit ("turns") or skip them ("drop")."""
+
+
+@dataclass
+class SFTConfig:
+    model: str | None = None
+    """The model to fine-tune: a run dir, HF dir, model name or hub id."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=300, lr=1e-3, warmup_steps=20, checkpoint_every=100, eval_every=100, seq_len=256))
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    log: LogConfig = field(default_factory=LogConfig)

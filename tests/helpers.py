@@ -34,3 +34,28 @@ def make_data_dir(root: Path, tok, n_docs: int = 120) -> Path:
 
 TINY = ["model.depth=1", "model.aspect=64", "model.head_dim=32", "train.seq_len=32", "train.batch_size=4",
         "train.warmup_steps=2", "train.log_every=5", "log.tensorboard=false"]
+
+
+def run_killed_then_resumed(cmd: list[str], out: Path, ckpt_step: int, env: dict, timeout: float = 600):
+    """Start `cmd`, SIGKILL it once checkpoints/step-<ckpt_step> exists, then run it again to the end."""
+    import signal
+    import subprocess
+    import time
+
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not (out / "checkpoints" / f"step-{ckpt_step}" / "meta.json").exists():
+        assert p.poll() is None and time.time() < deadline, "run ended before its checkpoint"
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert not (out / "model").exists(), "killed too late to test resume"
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def save_tiny_model(path: Path, tok, factory, **kw) -> Path:
+    model = factory(tok, **kw)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -21,7 +21,14 @@ from chatforge.config import PretrainConfig, to_dict
 from chatforge.core.distributed import barrier, cleanup_distributed, init_distributed, wrap_ddp
 from chatforge.core.io import UserError
 from chatforge.core.log import print0, warn
-from chatforge.core.model import build_model, count_params, flops_per_token, load_model, resolve_model_path, save_model
+from chatforge.core.model import (
+    build_model,
+    count_params,
+    flops_per_token,
+    load_model,
+    resolve_model_path,
+    save_model,
+)
 from chatforge.core.run import Run, parent_run_id
 from chatforge.core.tokenizer import load_tokenizer
 from chatforge.core.train import (
