@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
+from helpers import run_killed_then_resumed, save_tiny_model
 
 from chatforge.core.tokenizer import IGNORE_INDEX, render_conversation
 from chatforge.data.sft_data import collate, pack, render_examples, token_losses
-from helpers import run_killed_then_resumed, save_tiny_model
 
 MULTI = [
     {"role": "system", "content": "You are terse."},
@@ -96,7 +96,7 @@ def sft_setup(tiny_tokenizer, tiny_model_factory, tmp_path_factory):
 
 
 def _sft_cmd(model_dir, data, out, steps):
-    sets = ["train.max_steps=%d" % steps, "train.batch_size=4", "train.seq_len=64", "train.checkpoint_every=5",
+    sets = [f"train.max_steps={steps}", "train.batch_size=4", "train.seq_len=64", "train.checkpoint_every=5",
             "train.eval_every=10", "train.log_every=5", "train.warmup_steps=2", "log.tensorboard=false",
             "train.threads=1"]
     return [sys.executable, "-m", "chatforge.cli", "sft", "--model", str(model_dir), "--data", str(data),
