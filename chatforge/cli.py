@@ -100,6 +100,42 @@ def sft(
 
 
 @app.command()
+def sample(
+    model: str = typer.Option(..., "--model", "-m"),
+    prompts: str = typer.Option(..., "--prompts", "-p", help="Prompt JSONL, or tasks:N / tasks-heldout:N."),
+    k: int = typer.Option(4, "--k", help="Replies per prompt."),
+    out: Path = typer.Option(..., "--out", "-o", help="Ranking-task JSONL (appended to when resuming)."),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+) -> None:
+    """K replies per prompt with the KV-cache engine, written as ranking tasks."""
+    from chatforge.stages import sample as stage
+
+    cfg = stage.SampleConfig(k=k, temperature=temperature, top_p=top_p, top_k=top_k,
+                             max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    stage.run(model, prompts, out, cfg)
+
+
+@app.command()
+def chat(
+    model: str = typer.Option(..., "--model", "-m"),
+    temperature: float = typer.Option(0.7, "--temperature"),
+    top_p: float = typer.Option(0.9, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    seed: int = typer.Option(None, "--seed"),
+) -> None:
+    """Terminal chat that streams tokens (/reset, /system TEXT, /set key=value, /quit)."""
+    from chatforge.stages import chat as stage
+
+    stage.run(model, temperature, top_p, top_k, max_new_tokens, seed)
+
+
+@app.command()
 def bench(
     stage: str = typer.Argument(..., help="pretrain | generate"),
     out: Path = typer.Option(None, "--out", "-o", help="Write the JSON result here."),

@@ -6,11 +6,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import TINY, make_data_dir
 
 CLI = [sys.executable, "-m", "chatforge.cli"]
