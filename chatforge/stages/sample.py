@@ -42,17 +42,17 @@ class SampleConfig:
 
 
 def load_prompts(spec: str) -> list[dict]:
-    """Prompt conversations from a JSONL path, or `tasks:N` / `tasks-heldout:N` (N per family)."""
+    """Prompt conversations from a JSONL path, or `tasks:N[:SEED]` / `tasks-heldout:N[:SEED]` (N per family)."""
     if spec.startswith(("tasks:", "tasks-heldout:")):
         from chatforge.data import tasks
 
-        kind, n = spec.split(":", 1)
+        kind, *rest = spec.split(":")
         try:
-            n_per = int(n)
-        except ValueError:
-            raise UserError(f"prompt spec '{spec}': expected {kind}:N") from None
-        split = "heldout" if kind == "tasks-heldout" else "train"
-        return [it.prompt for it in tasks.prompts(split, n_per, seed=0)]
+            n_per, seed = int(rest[0]), int(rest[1]) if len(rest) > 1 else 0
+        except (ValueError, IndexError):
+            raise UserError(f"prompt spec '{spec}': expected {kind}:N or {kind}:N:SEED") from None
+        fn = tasks.heldout_prompts if kind == "tasks-heldout" else tasks.train_prompts
+        return fn(n_per, seed=seed)
     from chatforge.data.formats import read_prompts
 
     return [c.to_dict() for c in read_prompts(Path(spec), strip_assistant=True)]

@@ -1,0 +1,49 @@
+"""Evaluation building blocks: replies to held-out prompts and task-suite accuracy per family.
+
+(The full `chatforge eval` report — win rates, bias probes, curves — builds on these.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from chatforge.core.tokenizer import render_for_completion, stop_token_ids
+
+
+def generate_replies(model: Any, tok: Any, prompts: list[dict], max_new_tokens: int = 48, temperature: float = 0.0,
+                     seed: int = 0, batch_size: int = 32) -> tuple[list[str], list[str]]:
+    """One reply per prompt (greedy by default) with the engine; returns (texts, finish reasons)."""
+    from chatforge.core.generation import SamplingParams, generate
+
+    texts, reasons = [], []
+    context = model.config.max_position_embeddings
+    stops = stop_token_ids(tok)
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i: i + batch_size]
+        ids = [render_for_completion(tok, p["messages"])[-(context - max_new_tokens):] for p in chunk]
+        params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+        with torch.inference_mode():
+            gens = generate(model, ids, params, stop_token_ids=stops, pad_id=tok.pad_token_id, tokenizer=tok)
+        for g in gens:
+            texts.append(g[0].text.strip())
+            reasons.append(g[0].finish_reason)
+    return texts, reasons
+
+
+def task_accuracy(prompts: list[dict], replies: list[str]) -> dict[str, dict]:
+    """Mean checker score per task family (and overall) with counts."""
+    from chatforge.data.tasks import check_conversation
+
+    per: dict[str, list[float]] = {}
+    for p, r in zip(prompts, replies):
+        s = check_conversation(p, r)
+        if s is None:
+            continue
+        fam = p.get("meta", {}).get("family") or p.get("source", "tasks/?").split("/")[-1]
+        per.setdefault(fam, []).append(float(s))
+    out = {f: {"accuracy": sum(v) / len(v), "n": len(v)} for f, v in sorted(per.items())}
+    allv = [x for v in per.values() for x in v]
+    out["all"] = {"accuracy": sum(allv) / max(1, len(allv)), "n": len(allv)}
+    return out
