@@ -1,8 +1,8 @@
 """Simulated labelers: turn ranking tasks (K replies per prompt) into comparisons.
 
     chatforge label --tasks runs/tasks.jsonl --labeler rule --out runs/cmp.jsonl
-    chatforge label --tasks runs/tasks.jsonl --labeler "panel:rule*5:temperature=0.5" --per-task 2 --out cmp.jsonl
-    chatforge label --tasks runs/tasks.jsonl --labeler "judge:base_url=http://localhost:8000/v1,model=m" --out c.jsonl
+    chatforge label --tasks tasks.jsonl --labeler "panel:rule*5:temperature=0.5" --per-task 2 --out cmp.jsonl
+    chatforge label --tasks tasks.jsonl --labeler "judge:base_url=http://127.0.0.1:8000/v1,model=m" -o c.jsonl
 
 Labeler kinds (spec `KIND[:key=value,...]`, or `panel:KIND*N[:key=value,...]` for N labelers with seeds
 seed..seed+N-1):
@@ -60,7 +60,7 @@ EXPECTED_AGREEMENT_SAMPLES = 20_000  # simulated response pairs per Monte Carlo 
 
 @dataclass
 class Judgement:
-    """A labeler's verdict on one ranking task: tiers of response ids, best first, and optional 1-7 ratings."""
+    """A labeler's verdict on one ranking task: tiers of response ids (best first), optional 1-7 ratings."""
 
     ranking: list[list[str]]
     ratings: dict[str, int] | None = None
@@ -125,7 +125,10 @@ def pairwise_agreement(rank_a: Sequence[Sequence[Any]], rank_b: Sequence[Sequenc
     return agree, total
 
 
-def panel_agreement(rankings_per_task: Sequence[Sequence[Sequence[Sequence[str]]]]) -> tuple[float | None, int]:
+Ranking = Sequence[Sequence[str]]
+
+
+def panel_agreement(rankings_per_task: Sequence[Sequence[Ranking]]) -> tuple[float | None, int]:
     """Pooled agreement over every labeler pair on every task with >= 2 labels: (fraction, pairs)."""
     agree = total = 0
     for ranks in rankings_per_task:
@@ -145,7 +148,8 @@ def expected_agreement(utilities: Sequence[Sequence[float]], temperature: float 
     each one (they are tied). Every task is simulated equally often, pooled like `panel_agreement`.
     For K=2 and flip_prob p alone the answer is p^2 + (1-p)^2; for temperature T and a utility gap d it is
     s^2 + (1-s)^2 with s = sigmoid(d/T). None when every pair is tied."""
-    tasks = [(list(u), list(sizes[t]) if sizes else [1] * len(u)) for t, u in enumerate(utilities) if len(u) >= 2]
+    tasks = [(list(u), list(sizes[t]) if sizes else [1] * len(u))
+             for t, u in enumerate(utilities) if len(u) >= 2]
     if not tasks:
         return None
     rng = random.Random(f"expected-agreement|{seed}")
@@ -352,11 +356,13 @@ class JudgeLabeler:
 
     def _ask(self, messages: list[dict]) -> str:
         """One request; returns the reply text. Raises UserError for a non-retryable HTTP error."""
-        payload = {"model": self.model, "messages": messages, "temperature": self.temperature, "max_tokens": 200}
+        payload = {"model": self.model, "messages": messages, "temperature": self.temperature,
+                   "max_tokens": 200}
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=json.dumps(payload).encode(), headers=headers, method="POST")
+        req = urllib.request.Request(self.url, data=json.dumps(payload).encode(), headers=headers,
+                                     method="POST")
         try:
             with _opener(self.url).open(req, timeout=self.timeout) as resp:
                 body = json.loads(resp.read().decode("utf-8"))
@@ -415,8 +421,8 @@ def _parse_options(kind: str, text: str, spec: str) -> dict[str, Any]:
         try:
             opts[key] = valid[key](value.strip())
         except ValueError:
-            raise UserError(f"labeler spec {spec!r}: {key} must be a{'n int' if valid[key] is int else ' number'}"
-                            f", got {value!r}") from None
+            kind_of = "an integer" if valid[key] is int else "a number"
+            raise UserError(f"labeler spec {spec!r}: {key} must be {kind_of}, got {value!r}") from None
     if opts.get("temperature", 0.0) < 0 or not 0.0 <= opts.get("flip_prob", 0.0) <= 1.0:
         raise UserError(f"labeler spec {spec!r}: need temperature >= 0 and 0 <= flip_prob <= 1")
     if kind == "judge":
@@ -445,8 +451,8 @@ def make_labeler(kind: str, name: str, opts: dict[str, Any], seed: int) -> Label
     if kind == "reference":
         return UtilityLabeler(name, "reference", reference_utility, reference_rating, **noise)
     extra = {k: opts[k] for k in ("timeout", "retries") if k in opts}
-    return JudgeLabeler(name, opts["base_url"], opts["model"], opts.get("api_key") or os.environ.get("OPENAI_API_KEY"),
-                        **noise, **extra)
+    api_key = opts.get("api_key") or os.environ.get("OPENAI_API_KEY")
+    return JudgeLabeler(name, opts["base_url"], opts["model"], api_key, **noise, **extra)
 
 
 def parse_labeler_spec(spec: str, seed: int = 0) -> list[Labeler]:
@@ -481,15 +487,17 @@ def validate_task(task: Any, path: str | Path, line: int) -> None:
         raise DataError(path, line, "missing task_id")
     prompt = task.get("prompt")
     msgs = prompt.get("messages") if isinstance(prompt, dict) else None
-    if not isinstance(msgs, list) or not msgs or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
+    def is_message(m: Any) -> bool:
+        return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+
+    if not isinstance(msgs, list) or not msgs or not all(is_message(m) for m in msgs):
         raise DataError(path, line, "prompt.messages must be a non-empty list of {role, content} strings")
     responses = task.get("responses")
     if not isinstance(responses, list) or len(responses) < 2:
         raise DataError(path, line, "responses must be a list of at least 2 replies to rank")
     ids = []
     for i, r in enumerate(responses):
-        if not isinstance(r, dict) or not isinstance(r.get("response_id"), str) or not isinstance(r.get("content"), str):
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("response_id", "content")):
             raise DataError(path, line, f"responses[{i}] needs string response_id and content")
         ids.append(r["response_id"])
     if len(set(ids)) != len(ids):
@@ -501,7 +509,7 @@ def _judge(labeler: Labeler, task: dict) -> Judgement:
     verdict = judge(task) if callable(judge) else Judgement(labeler.rank(task))
     flat = [rid for tier in verdict.ranking for rid in tier]
     if sorted(flat) != sorted(r["response_id"] for r in task["responses"]):
-        raise ValueError(f"labeler {labeler.name} returned a ranking that is not a partition of the responses")
+        raise ValueError(f"labeler {labeler.name} returned a ranking that does not partition the responses")
     return verdict
 
 
@@ -534,7 +542,9 @@ def label(tasks_path: str | Path, out_path: str | Path, spec: str | Sequence[Lab
         for line, task in read_jsonl(tasks_path):
             validate_task(task, tasks_path, line)
             task["task_id"] = str(task["task_id"])
-            chosen = labelers if k == len(labelers) else random.Random(f"pick|{seed}|{task['task_id']}").sample(labelers, k)
+            chosen = labelers
+            if k < len(labelers):  # drawn per task: who labels a task does not depend on file order
+                chosen = random.Random(f"pick|{seed}|{task['task_id']}").sample(labelers, k)
             scores = _suite_scores(task)
             ranks = []
             for lab in chosen:
@@ -553,7 +563,7 @@ def label(tasks_path: str | Path, out_path: str | Path, spec: str | Sequence[Lab
             if scores is not None:
                 all_scores.extend(scores.values())
             rankings_per_task.append(ranks)
-            if isinstance(labelers[0], UtilityLabeler):
+            if k >= 2 and isinstance(labelers[0], UtilityLabeler):
                 groups, utils = labelers[0].groups(task)
                 utilities.append(utils)
                 sizes.append([len(g) for g in groups])
@@ -590,10 +600,11 @@ def format_stats(stats: dict) -> str:
         return "n/a" if x is None else f"{100 * x:.1f}%"
 
     lines = [f"labeled {stats['tasks']} tasks -> {stats['comparisons']} comparisons "
-             f"({len(stats['labelers'])} labelers, {stats['labels_per_task']} per task) in {stats['seconds']}s"]
+             f"({len(stats['labelers'])} labelers, {stats['labels_per_task']} per task) "
+             f"in {stats['seconds']}s"]
     if stats["agreement_pairs"]:
-        lines.append(f"inter-labeler agreement {pct(stats['agreement'])} over {stats['agreement_pairs']} pairs "
-                     f"(expected {pct(stats['expected_agreement'])})")
+        lines.append(f"inter-labeler agreement {pct(stats['agreement'])} over {stats['agreement_pairs']} "
+                     f"response pairs (expected {pct(stats['expected_agreement'])})")
     if stats["suite_labels"]:
         lines.append(f"task-suite score of top-ranked replies {stats['suite_score_top']:.3f} vs all replies "
                      f"{stats['suite_score_mean']:.3f}; best reply on top {pct(stats['best_on_top'])}")
