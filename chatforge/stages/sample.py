@@ -83,16 +83,21 @@ def _done_ids(out: Path) -> set[str]:
     return done
 
 
-def make_task(prompt: dict, replies: list[str], policy: str, params: dict) -> dict:
+def make_task(prompt: dict, replies: list[str], policy: str, params: dict,
+              finish_reasons: list[str] | None = None) -> dict:
     """A ranking task (DESIGN.md); identical replies (after stripping) are collapsed."""
     seen, responses = set(), []
-    for r in replies:
+    reasons = finish_reasons or [None] * len(replies)
+    for r, why in zip(replies, reasons):
         key = r.strip()
         if key in seen:
             continue
         seen.add(key)
         rid = hashlib.sha1(f"{prompt['id']}\x00{key}".encode()).hexdigest()[:12]
-        responses.append({"response_id": rid, "content": r, "policy": policy, "params": params})
+        resp = {"response_id": rid, "content": r, "policy": policy, "params": params}
+        if why is not None:
+            resp["finish_reason"] = why
+        responses.append(resp)
     return {"task_id": f"{prompt['id']}", "prompt": {"messages": prompt["messages"]}, "responses": responses,
             "meta": prompt.get("meta", {}), "source": prompt.get("source", "")}
 
@@ -143,7 +148,8 @@ def run(model_spec: str, prompts_spec: str, out: Path, cfg: SampleConfig) -> dic
             with torch.inference_mode():
                 gens = sample_replies(model, tok, chunk, cfg)
             for p, g in zip(chunk, gens):
-                task = make_task(p, [x.text for x in g], policy, {**params, "seed": prompt_seed(cfg.seed, p["id"])})
+                task = make_task(p, [x.text for x in g], policy, {**params, "seed": prompt_seed(cfg.seed, p["id"])},
+                                 [x.finish_reason for x in g])
                 collapsed += len(g) - len(task["responses"])
                 f.write(json.dumps(task, ensure_ascii=False) + "\n")
                 written += 1
