@@ -151,6 +151,23 @@ def sample(
 
 
 @app.command()
+def label(
+    tasks: Path = typer.Option(..., "--tasks", "-t", help="Ranking-task JSONL (from `chatforge sample`)."),
+    labeler: str = typer.Option("rule", "--labeler", "-l",
+                                help="rule | reference | judge:base_url=URL,model=M | panel:rule*5:temperature=0.5"),
+    out: Path = typer.Option(..., "--out", "-o", help="Comparison JSONL."),
+    per_task: int = typer.Option(1, "--per-task", help="Panel labelers per task (0 = every labeler)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Simulated labelers rank the replies of each task (comparisons), with measured agreement."""
+    from chatforge.core.log import console
+    from chatforge.stages.label import format_stats
+    from chatforge.stages.label import label as run_label
+
+    console.print(format_stats(run_label(tasks, out, labeler, per_task=per_task, seed=seed)))
+
+
+@app.command()
 def chat(
     model: str = typer.Option(..., "--model", "-m"),
     temperature: float = typer.Option(0.7, "--temperature"),
