@@ -97,6 +97,27 @@ def models_import(
 
 
 @app.command()
+def convert(
+    inp: Path = typer.Argument(..., help="Input JSONL (.gz ok)."),
+    to: str = typer.Option(..., "--to", help="chatforge | comparison | openai | trl | trl-pc | trl-pref | hh"),
+    out: Path = typer.Option(..., "--out", "-o"),
+    from_: str = typer.Option(None, "--from", help="Input format (auto-detected from the first record)."),
+    opt: list[str] = typer.Option(None, "--opt", help="Importer option k=v (mode=all|best, include_synthetic=...)."),
+) -> None:
+    """Convert between HH / TRL / OASST / OpenAI-messages / self-instruct and chatforge formats."""
+    from chatforge.core.log import console
+    from chatforge.data.convert import convert as run_convert
+
+    opts = {}
+    for o in opt or []:
+        if "=" not in o:
+            raise UserError(f"--opt expects key=value, got '{o}'")
+        k, v = o.split("=", 1)
+        opts[k] = v
+    console.print(run_convert(inp, to, out, from_format=from_, **opts).summary())
+
+
+@app.command()
 def pretrain(
     out: Path = typer.Option(..., "--out", "-o", help="Run dir."),
     config: Path = ConfigOpt,

@@ -56,7 +56,7 @@ class RenderStats:
 
 def load_conversations(specs: list[str]) -> list[dict]:
     """Conversation dicts from data specs: a JSONL path, `embedded:NAME`, or `tasks:N` (N demos per family)."""
-    from chatforge.data.formats import read_conversations
+    from chatforge.data.convert import load_conversations as read_any
 
     convs: list[dict] = []
     for spec in specs:
@@ -75,7 +75,8 @@ def load_conversations(specs: list[str]) -> list[dict]:
             path = embedded_path(spec.split(":", 1)[1])
         else:
             path = Path(spec)
-        convs += [c.to_dict() for c in read_conversations(path, require_assistant=True)]
+        records, _ = read_any(path)  # chatforge, OpenAI, TRL, HH, OASST or self-instruct files
+        convs += [c.to_dict() if hasattr(c, "to_dict") else c for c in records]
     if not convs:
         raise UserError("no conversations to train on (give --data PATH, embedded:NAME or tasks:N)")
     return convs
