@@ -61,9 +61,16 @@ def tokenizer_train(
     """Train a byte-level BPE with chat special tokens and a chat template."""
     from chatforge.core.log import console
     from chatforge.core.tokenizer import train_tokenizer
-    from chatforge.data.corpus import iter_documents
+    from chatforge.data.corpus import default_corpus_paths
+    from chatforge.data.corpus_read import iter_documents, list_inputs
 
-    docs = iter_documents(list(inputs) if inputs else None, text_field=text_field)
+    # A prepared data dir contributes its cleaned train split; anything else is read as raw input.
+    paths = []
+    for p in inputs or default_corpus_paths():
+        prepared = Path(p) / "text" / "train.jsonl"
+        paths.append(prepared if prepared.exists() else Path(p))
+    files = list_inputs(paths)
+    docs = (d for f in files for d in iter_documents(f, text_field=text_field))
     tok = train_tokenizer(docs, vocab_size, out)
     console.print(f"tokenizer with {len(tok)} tokens written to {out}")
 
