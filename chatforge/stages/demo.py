@@ -34,7 +34,7 @@ class DemoSizes:
     batch_size: int
 
 
-FULL = DemoSizes(depth=4, pretrain_steps=300, sft_steps=600, demos_per_family=400, eval_per_family=25,
+FULL = DemoSizes(depth=4, pretrain_steps=200, sft_steps=500, demos_per_family=400, eval_per_family=25,
                  sample_prompts_per_family=4, k=4, seq_len=128, batch_size=16)
 QUICK = DemoSizes(depth=1, pretrain_steps=20, sft_steps=30, demos_per_family=20, eval_per_family=3,
                   sample_prompts_per_family=1, k=2, seq_len=64, batch_size=8)
