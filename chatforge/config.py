@@ -337,3 +337,228 @@ class SFTConfig:
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+
+@dataclass
+class RMDataConfig:
+    paths: list[str] = field(default_factory=list)
+    """Comparison JSONL paths or `embedded:NAME` (e.g. embedded:prefs/hh)."""
+    val_fraction: float = 0.1
+    """Held-out share of tasks, split by a hash of task_id (all labels of one task stay together)."""
+    aggregate: str = "none"
+    """Several labelers on one task: `none` trains on each record as is; another name (e.g. bradley_terry)
+    merges them first through chatforge.data.aggregate."""
+
+
+@dataclass
+class RMLossConfig:
+    mode: Literal["kwise", "pairs"] = "kwise"
+    """kwise: each reply forwarded once per step (InstructGPT); pairs: TRL's chosen/rejected layout, same loss."""
+    margin_scale: float = 0.0
+    """Margin = margin_scale * (rating_better - rating_worse) when both replies are rated (0 = off)."""
+    tie_weight: float = 0.0
+    """Weight of (r_a - r_b)^2 for tied replies (0 = ties give no loss, only no pair)."""
+
+
+@dataclass
+class RMNormConfig:
+    policy: str = ""
+    """Fit the reward offset on this policy's replies; empty = the most common policy in the training data."""
+    max_replies: int = 4096
+    """Score at most this many distinct replies for the normalisation."""
+    divide_std: bool = False
+    """Also divide normalised rewards by their std (stored in reward_norm.json, applied by `rm score`)."""
+
+
+@dataclass
+class RMConfig:
+    model: str | None = None
+    """The model to start from (usually the SFT run): a run dir, HF dir, model name or hub id."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=300, lr=3e-4, warmup_steps=20, batch_size=8, checkpoint_every=100, eval_every=50,
+        eval_batches=32, seq_len=256))
+    """train.batch_size counts comparisons (prompts); a micro-batch forwards all their replies."""
+    data: RMDataConfig = field(default_factory=RMDataConfig)
+    loss: RMLossConfig = field(default_factory=RMLossConfig)
+    norm: RMNormConfig = field(default_factory=RMNormConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+@dataclass
+class DPODataConfig:
+    paths: list[str] = field(default_factory=list)
+    """Comparison JSONL paths or `embedded:NAME` (e.g. embedded:prefs/hh); a K-wise ranking gives every implied pair."""
+    val_fraction: float = 0.1
+    """Held-out share of tasks, split by a hash of task_id (all pairs of one task stay together)."""
+    aggregate: str = "none"
+    """Several labelers on one task: `none` uses each record as is; another name (e.g. bradley_terry) merges them."""
+    layout: Literal["pairs", "shared_prompt"] = "pairs"
+    """pairs: TRL's batch (chosen half, rejected half; the prompt is forwarded twice); shared_prompt: one row
+    per pair, prompt forwarded once, replies masked from each other (same loss, fewer tokens)."""
+    ref_batch_size: int = 16
+    """Pairs per forward pass when precomputing the reference log-probs."""
+
+
+@dataclass
+class DPOLossConfig:
+    type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """sigmoid = DPO (Rafailov et al.), ipo = IPO (Azar et al., length-averaged log-probs), hinge = SLiC."""
+    beta: float = 0.1
+    """KL strength (DPO's beta; IPO's tau)."""
+    label_smoothing: float = 0.0
+    """cDPO: assumed probability that a preference label is flipped (sigmoid loss only)."""
+
+
+@dataclass
+class DPOConfig:
+    policy: str | None = None
+    """The model to start from (usually the SFT run): a run dir, HF dir, model name or hub id. It is also the
+    frozen reference (its log-probs are precomputed once; with LoRA the adapters are off)."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=200, lr=5e-5, warmup_steps=10, batch_size=8, checkpoint_every=100, eval_every=50,
+        eval_batches=16, seq_len=256, weight_decay=0.0))
+    """train.batch_size counts preference pairs; a micro-batch forwards 2 * batch_size sequences."""
+    data: DPODataConfig = field(default_factory=DPODataConfig)
+    loss: DPOLossConfig = field(default_factory=DPOLossConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+@dataclass
+class RolloutConfig:
+    """How RL stages sample replies (the shared KV-cache engine)."""
+
+    max_new_tokens: int = 64
+    """Reply length limit; a reply that hits it without ending its turn is penalised (ppo.missing_eot_penalty)."""
+    temperature: float = 1.0
+    """Sampling temperature; ratios and KL use log softmax(logits / temperature), TRL's convention."""
+    top_k: int = 0
+    top_p: float = 1.0
+    forward_batch_size: int = 16
+    """Rows per no-grad forward when computing rollout log-probs, reference log-probs and values."""
+
+
+@dataclass
+class RLGuardConfig:
+    """Reward-hacking guards: each warns with the numbers it saw; `stop` also ends the run (checkpoint kept)."""
+
+    max_kl: float = 25.0
+    """Warn when the mean KL to the reference per reply (nats) exceeds this (0 = off)."""
+    min_entropy: float = 0.05
+    """Warn when the policy's mean per-token entropy (nats) falls below this (0 = off)."""
+    window: int = 10
+    """Iterations over which score and reply length are compared (and a guard's repeat warnings are muted)."""
+    length_growth: float = 1.5
+    """Warn when the score rose while mean reply length grew by this factor over the window (0 = off)."""
+    max_duplicate_rate: float = 0.5
+    """Warn when more than this share of reply pairs (different prompts) are near duplicates (1 = off)."""
+    stop: bool = False
+    """Stop the run when a guard fires, instead of only warning."""
+
+
+@dataclass
+class PPOAlgoConfig:
+    epochs: int = 4
+    """PPO epochs over each rollout batch."""
+    minibatch_size: int = 8
+    """Replies per optimizer step (divides train.batch_size); train.grad_accum splits it into micro-batches."""
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    kl_coef: float = 0.05
+    """beta: per-token reward -beta * KL(policy || reference); the initial value when kl_target is set."""
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
+    kl_target: float | None = None
+    """Set to use the adaptive KL controller (Ziegler et al.): steer the KL per reply toward this many nats."""
+    kl_horizon: float = 10000.0
+    """Adaptive KL controller horizon (samples)."""
+    missing_eot_penalty: float = 1.0
+    """Subtracted from the score of a reply that hit rollout.max_new_tokens without ending its turn."""
+
+
+@dataclass
+class CriticConfig:
+    init: Literal["auto", "reward", "policy"] = "auto"
+    """Value model start: the reward model (InstructGPT), the policy with a zero-initialised value head, or
+    auto = the RM when the reward is one whose tokenizer matches the policy, else the policy."""
+    shared: bool = False
+    """A value head on the policy's own trunk (one forward, shared gradients) instead of a separate critic."""
+    lr: float | None = None
+    """Critic learning rate (none = train.lr)."""
+
+
+@dataclass
+class PTXConfig:
+    """PPO-ptx (InstructGPT): add coef * LM loss on pretraining batches to every policy update."""
+
+    coef: float = 0.0
+    """ptx_coef (0 = plain PPO)."""
+    data: str | None = None
+    """A `chatforge data prepare` dir tokenised with the policy's tokenizer (required when coef > 0)."""
+    batch_size: int = 4
+    seq_len: int = 128
+
+
+@dataclass
+class PPOConfig:
+    policy: str | None = None
+    """The model to train (usually the SFT run): a run dir, HF dir, model name or hub id."""
+    reward: str | None = None
+    """An RM run dir/HF dir/name, `tasks` (task-suite checkers) or `keyword:WORD[,WORD]` (toy)."""
+    prompts: str | None = None
+    """Prompt JSONL or tasks:N[:SEED]."""
+    reference: str | None = None
+    """The frozen KL reference; none = the policy model as loaded (with LoRA: the policy with adapters off)."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=200, lr=1e-5, warmup_steps=0, schedule="constant", batch_size=16, checkpoint_every=50,
+        eval_every=0, log_every=1, weight_decay=0.0))
+    """train.max_steps counts PPO iterations; train.batch_size is prompts per rank per iteration."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    ptx: PTXConfig = field(default_factory=PTXConfig)
+    guards: RLGuardConfig = field(default_factory=RLGuardConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA on the policy and on the critic (unless critic.shared)."""
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+@dataclass
+class GRPOAlgoConfig:
+    group_size: int = 4
+    """K replies per prompt (the group whose mean is the baseline)."""
+    epochs: int = 1
+    """Passes over each rollout batch (TRL's num_iterations)."""
+    minibatch_size: int = 16
+    """Replies per optimizer step (divides train.batch_size * group_size)."""
+    clip_range: float = 0.2
+    beta: float = 0.0
+    """KL penalty weight (0 = no reference model is loaded, TRL's default)."""
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k3"
+    scale: Literal["group", "batch", "none"] = "group"
+    """Advantage = (r - group mean) / std of the group (GRPO), of the batch, or not divided (Dr. GRPO)."""
+
+
+@dataclass
+class GRPOConfig:
+    policy: str | None = None
+    """The model to train (usually the SFT run): a run dir, HF dir, model name or hub id."""
+    reward: str | None = None
+    """An RM run dir/HF dir/name, `tasks` (task-suite checkers) or `keyword:WORD[,WORD]` (toy)."""
+    prompts: str | None = None
+    """Prompt JSONL or tasks:N[:SEED]."""
+    reference: str | None = None
+    """The KL reference when grpo.beta > 0; none = the policy model as loaded (LoRA: adapters off)."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=200, lr=1e-5, warmup_steps=0, schedule="constant", batch_size=8, checkpoint_every=50,
+        eval_every=0, log_every=1, weight_decay=0.0))
+    """train.max_steps counts iterations; train.batch_size is prompts per rank per iteration (x group_size rows)."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grpo: GRPOAlgoConfig = field(default_factory=GRPOAlgoConfig)
+    guards: RLGuardConfig = field(default_factory=RLGuardConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    log: LogConfig = field(default_factory=LogConfig)

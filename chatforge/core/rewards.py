@@ -1,0 +1,115 @@
+"""Reward sources for RL (PPO, GRPO) and evaluation: text in, one float per reply out.
+
+Every source implements `RewardSource.score(prompts, replies)`, where `prompts` are prompt
+conversations (`{"id", "messages", "meta"}` dicts) and `replies` the decoded reply texts. Sources work
+on *text*, never on the policy's token ids, so a reward model with another tokenizer than the
+policy just re-tokenises (the RM's chat template renders prompt + reply its own way).
+
+`--reward` specs (`make_reward_source`):
+
+    RUN_DIR | HF_DIR | NAME   a reward model from `chatforge rm train` (normalised with its reward_norm.json)
+    tasks                     the task-suite checkers: correctness in [0, 1] (prompts must be suite prompts)
+    keyword:WORD[,WORD...]    toy: +1 per occurrence of each keyword (substring) in the reply (tests, demos)
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from chatforge.core.io import UserError
+
+
+class RewardSource(Protocol):
+    """Scores replies to prompts; higher is better."""
+
+    name: str
+
+    def score(self, prompts: list[dict], replies: list[str]) -> list[float]: ...
+
+
+class RMReward:
+    """A trained reward model (`chatforge rm train` run dir, HF dir or name), frozen, on `device`.
+
+    Scores are normalised with the RM's stored offset (SFT replies score ~0), as `rm score` does.
+    """
+
+    def __init__(self, spec: str, device: torch.device | str = "cpu", batch_size: int = 16):
+        from chatforge.core.model import resolve_model_path
+        from chatforge.stages.rm_eval import load_reward_model
+
+        self.name = f"rm:{spec}"
+        self.path: Path = resolve_model_path(spec)
+        self.model, self.tok, self.norm = load_reward_model(spec, device)
+        self.model.requires_grad_(False)
+        self.batch_size = batch_size
+
+    def score(self, prompts: list[dict], replies: list[str]) -> list[float]:
+        from chatforge.stages.rm_eval import score_texts
+
+        with torch.no_grad():
+            return score_texts(self.model, self.tok, [p["messages"] for p in prompts], list(replies), self.norm,
+                               self.batch_size)
+
+
+class TaskReward:
+    """The task-suite checkers (`chatforge.data.tasks`): correctness of each reply in [0, 1].
+
+    A prompt outside the suite gets `missing` (counted in `n_missing`); RL stages drop such prompts up
+    front (`rollout.keep_scorable`).
+    """
+
+    name = "tasks"
+
+    def __init__(self, missing: float = 0.0):
+        self.missing = missing
+        self.n_missing = 0
+
+    def score(self, prompts: list[dict], replies: list[str]) -> list[float]:
+        from chatforge.data.tasks import check_conversation
+
+        out = []
+        for p, r in zip(prompts, replies, strict=True):
+            s = check_conversation(p, r)
+            if s is None:
+                self.n_missing += 1
+                s = self.missing
+            out.append(float(s))
+        return out
+
+
+class KeywordReward:
+    """Toy reward: `per_hit` for every case-insensitive occurrence of each keyword (a substring) in the reply.
+
+    Dense enough that a tiny random policy finds it; used by tests and the CPU demo.
+    """
+
+    def __init__(self, keywords: list[str], per_hit: float = 1.0):
+        if not keywords or any(not k for k in keywords):
+            raise UserError("keyword reward needs at least one non-empty keyword: keyword:WORD[,WORD...]")
+        self.name = "keyword:" + ",".join(keywords)
+        self.per_hit = per_hit
+        self.pattern = re.compile("|".join(re.escape(k) for k in keywords), re.IGNORECASE)
+
+    def score(self, prompts: list[dict], replies: list[str]) -> list[float]:
+        return [self.per_hit * len(self.pattern.findall(r)) for r in replies]
+
+
+def make_reward_source(spec: str, device: torch.device | str = "cpu", batch_size: int = 16) -> RewardSource:
+    """Build the reward source named by a `--reward` spec (see the module docstring)."""
+    if not spec:
+        raise UserError("a reward is required: --reward RM_RUN|tasks|keyword:WORD")
+    if spec == "tasks":
+        return TaskReward()
+    if spec.startswith("keyword:"):
+        return KeywordReward([k for k in spec[len("keyword:"):].split(",") if k])
+    return RMReward(spec, device, batch_size)
+
+
+def same_token_ids(tok_a: Any, tok_b: Any) -> bool:
+    """True when every token of `tok_a` has the same id in `tok_b` (b may add tokens, e.g. an RM's pad)."""
+    vb = tok_b.get_vocab()
+    return all(vb.get(t) == i for t, i in tok_a.get_vocab().items())

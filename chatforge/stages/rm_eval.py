@@ -1,0 +1,256 @@
+"""Using a trained reward model: load it, score replies, evaluate it on held-out comparisons.
+
+    chatforge rm eval --model runs/rm --data heldout.jsonl --out runs/rm/eval
+    chatforge rm eval --model runs/rm --data cmp.jsonl --split val     # the run's own held-out tasks
+    chatforge rm score --model runs/rm --data convs.jsonl --out scores.jsonl
+
+`load_reward_model` and `score_texts` are what PPO, GRPO and `chatforge eval` call. Scores are
+normalised with the run's `reward_norm.json` (SFT-policy replies average 0). A conversation too long
+for the model is cut the way training cuts it (old prompt turns first, data/rm_data.py); a reply too
+long even then is scored on its last tokens and counted as clipped.
+
+`rm eval` reports pairwise accuracy (ties excluded) overall, by source and by K; calibration of
+P(a > b) = sigmoid(r_a - r_b) against observed outcomes (each pair in both orientations, so the
+reliability diagram is symmetric), with a reliability plot; and the Pearson correlation of reward
+with reply length, warning when it exceeds LENGTH_BIAS_WARN (long replies winning by length alone is
+the best-known reward-hacking route).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chatforge.core.distributed import pick_device
+from chatforge.core.io import UserError, atomic_write, write_json, write_jsonl
+from chatforge.core.log import print0, warn
+from chatforge.core.model import resolve_model_path
+from chatforge.core.run import read_manifest
+from chatforge.core.tokenizer import load_tokenizer
+from chatforge.data.rm_data import (
+    build_examples,
+    load_comparisons,
+    render_scored,
+    score_sequences,
+    split_comparisons,
+)
+from chatforge.stages.rm import RewardNorm
+
+LENGTH_BIAS_WARN = 0.5  # |Pearson r| between reward and reply length above which eval warns
+CALIBRATION_BINS = 10
+DEFAULT_BATCH = 16
+
+
+def load_reward_model(spec: str, device: str | torch.device = "auto") -> tuple[Any, Any, RewardNorm]:
+    """(model in eval mode, tokenizer, normalisation) from a run dir, HF dir or name."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if isinstance(device, str):
+        device = pick_device(device)
+    path = resolve_model_path(spec)
+    cfg = AutoConfig.from_pretrained(str(path))
+    archs = getattr(cfg, "architectures", None) or []
+    if getattr(cfg, "num_labels", 0) != 1 or not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise UserError(f"{path} is not a reward model (expected a 1-label *ForSequenceClassification, got "
+                        f"{', '.join(archs) or 'no architecture'}); train one with `chatforge rm train`")
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
+    tok = load_tokenizer(path)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model.to(device).eval(), tok, RewardNorm.load(path)
+
+
+def _seq_len(model: Any, seq_len: int | None) -> int:
+    ctx = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 2048
+    return min(seq_len or ctx, ctx)
+
+
+def score_texts(model: Any, tok: Any, prompts: list[list[dict]], replies: list[str], norm: RewardNorm | None,
+                batch_size: int = DEFAULT_BATCH, seq_len: int | None = None, stats: dict | None = None
+                ) -> list[float]:
+    """Normalised reward of each (prompt messages, reply text); batched, no grad.
+
+    `stats`, if given, receives counts of truncated prompts and clipped replies.
+    """
+    if len(prompts) != len(replies):
+        raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
+    limit = _seq_len(model, seq_len)
+    seqs, truncated, clipped = [], 0, 0
+    for p, r in zip(prompts, replies):
+        ids, cut, clip = render_scored(tok, p, r, limit)
+        seqs.append(ids)
+        truncated, clipped = truncated + cut, clipped + clip
+    if stats is not None:
+        stats.update(truncated=stats.get("truncated", 0) + truncated, clipped=stats.get("clipped", 0) + clipped)
+    device = next(model.parameters()).device
+    raw = score_sequences(model, seqs, model.config.pad_token_id, batch_size, device)
+    norm = norm or RewardNorm()
+    return [norm.apply(x) for x in raw]
+
+
+# ----------------------------------------------------------------------------- eval metrics
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def pearson(xs: list[float], ys: list[float]) -> float | None:
+    n = len(xs)
+    if n < 3:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
+
+
+def calibration(gaps: list[float], bins: int = CALIBRATION_BINS) -> dict:
+    """Reliability of sigmoid(r_better - r_worse), each pair counted in both orientations; ECE."""
+    pts = [(_sigmoid(g), 1.0) for g in gaps] + [(_sigmoid(-g), 0.0) for g in gaps]
+    rows = []
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        inside = [(p, y) for p, y in pts if lo <= p < hi or (b == bins - 1 and p == 1.0)]
+        if inside:
+            rows.append({"lo": lo, "hi": hi, "n": len(inside), "predicted": sum(p for p, _ in inside) / len(inside),
+                         "observed": sum(y for _, y in inside) / len(inside)})
+    ece = sum(r["n"] * abs(r["predicted"] - r["observed"]) for r in rows) / max(1, len(pts))
+    return {"bins": rows, "ece": ece}
+
+
+def reliability_plot(cal: dict, path: Path, title: str) -> None:
+    """Predicted vs observed P(a > b) per bin, point size by count; the diagonal is perfect calibration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect")
+    rows = cal["bins"]
+    if rows:
+        n_max = max(r["n"] for r in rows)
+        ax.plot([r["predicted"] for r in rows], [r["observed"] for r in rows], "-", color="C0", lw=1)
+        ax.scatter([r["predicted"] for r in rows], [r["observed"] for r in rows],
+                   s=[20 + 180 * r["n"] / n_max for r in rows], color="C0", label="reward model", zorder=3)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted P(a > b) = sigmoid(r_a - r_b)", ylabel="observed frequency",
+           title=f"{title}\nECE {cal['ece']:.3f}")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    with atomic_write(path, mode="wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _accuracy_table(rows: list[tuple[str, float]]) -> dict:
+    """group -> {accuracy, pairs} from (group, r_better - r_worse) rows."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for g, d in rows:
+        groups[g].append(d)
+    return {g: {"accuracy": sum(d > 0 for d in ds) / len(ds), "pairs": len(ds)} for g, ds in sorted(groups.items())}
+
+
+def _heldout(spec: str, cmps: list, split: str) -> list:
+    if split == "all":
+        return cmps
+    run_dir = resolve_model_path(spec).parent
+    manifest = read_manifest(run_dir)
+    if not manifest or manifest.get("stage") != "rm":
+        raise UserError(f"--split {split} needs the RM's run dir (its manifest holds data.val_fraction); "
+                        f"{run_dir} has no rm manifest")
+    frac = manifest["config"]["data"]["val_fraction"]
+    train, val = split_comparisons(cmps, frac)
+    return val if split == "val" else train
+
+
+def evaluate(model_spec: str, data: list[str] | str, out: Path | None = None, split: str = "all",
+             batch_size: int = DEFAULT_BATCH, device: str = "auto") -> dict:
+    """Accuracy (overall, by source, by K), calibration and length bias on comparisons; writes eval.json + PNG."""
+    if split not in ("all", "val", "train"):
+        raise UserError(f"--split must be all, val or train, got '{split}'")
+    model, tok, norm = load_reward_model(model_spec, device)
+    cmps = _heldout(model_spec, load_comparisons([data] if isinstance(data, str) else list(data)), split)
+    examples, st = build_examples(tok, cmps, _seq_len(model, None))
+    if not examples:
+        raise UserError("no comparison with an ordered pair to evaluate (all empty, tied or too long)")
+    flat = [s for ex in examples for s in ex.seqs]
+    raw = score_sequences(model, flat, model.config.pad_token_id, batch_size, next(model.parameters()).device)
+    rewards = [norm.apply(r) for r in raw]
+    by_src, by_k, gaps, lengths, scores = [], [], [], [], []
+    loss, longer_rm, longer_label, n_len_pairs, i = 0.0, 0, 0, 0, 0
+    for ex in examples:
+        r = rewards[i: i + ex.k]
+        i += ex.k
+        lengths += ex.reply_chars
+        scores += r
+        for b, w, _ in ex.pairs:
+            d = r[b] - r[w]
+            gaps.append(d)
+            by_src.append((ex.source or "unknown", d))
+            by_k.append((str(ex.k), d))
+            loss += ex.weight * -math.log(max(1e-12, _sigmoid(d)))
+            if ex.reply_chars[b] != ex.reply_chars[w]:
+                n_len_pairs += 1
+                longer_label += ex.reply_chars[b] > ex.reply_chars[w]
+                longer_rm += (ex.reply_chars[b] > ex.reply_chars[w]) == (d > 0)
+    cal = calibration(gaps)
+    corr = pearson([float(x) for x in lengths], scores)
+    res = {
+        "model": str(resolve_model_path(model_spec)), "data": data, "split": split,
+        "comparisons": len(examples), "pairs": len(gaps),
+        "accuracy": sum(d > 0 for d in gaps) / len(gaps), "loss": loss / len(examples),
+        "by_source": _accuracy_table(by_src), "by_k": _accuracy_table(by_k),
+        "calibration": cal, "ece": cal["ece"],
+        "length": {"pearson_reward_vs_chars": corr, "warn_threshold": LENGTH_BIAS_WARN,
+                   "pairs_with_length_gap": n_len_pairs,
+                   "labels_prefer_longer": longer_label / n_len_pairs if n_len_pairs else None,
+                   "rm_prefers_longer": longer_rm / n_len_pairs if n_len_pairs else None},
+        "reward": {"mean": sum(scores) / len(scores), "min": min(scores), "max": max(scores)},
+        "skipped": {"comparisons": st.skipped_comparisons, "replies": st.skipped_replies,
+                    "truncated_prompts": st.truncated_prompts},
+        "norm": {"mean": norm.mean, "std": norm.std, "n": norm.n, "policy": norm.policy},
+    }
+    if corr is not None and abs(corr) > LENGTH_BIAS_WARN:
+        warn(f"length bias: reward correlates with reply length (Pearson r = {corr:+.2f}, |r| > {LENGTH_BIAS_WARN})")
+        res["length"]["warning"] = True
+    print0(f"rm eval: accuracy {res['accuracy']:.3f} on {len(gaps)} pairs from {len(examples)} comparisons, "
+           f"ECE {cal['ece']:.3f}, reward~length r = {'n/a' if corr is None else f'{corr:+.2f}'}")
+    if out is not None:
+        out = Path(out)
+        reliability_plot(cal, out / "reliability.png", f"RM calibration ({len(gaps)} pairs)")
+        write_json(out / "eval.json", res)
+        print0(f"wrote {out / 'eval.json'} and {out / 'reliability.png'}")
+    return res
+
+
+def score(model_spec: str, data: str | Path, out: Path, batch_size: int = DEFAULT_BATCH,
+          divide_std: bool | None = None, device: str = "auto") -> dict:
+    """Score each conversation's last assistant turn; write {id, score, raw_score} JSONL to `out`."""
+    from chatforge.data.formats import read_conversations
+
+    model, tok, norm = load_reward_model(model_spec, device)
+    if divide_std is not None:
+        norm.divide_std = divide_std
+    convs = read_conversations(data, require_assistant=True)
+    prompts, replies = [], []
+    for c in convs:
+        msgs = c.dicts()
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        prompts.append(msgs[:last])
+        replies.append(msgs[last]["content"])
+    stats: dict = {}
+    raw = score_texts(model, tok, prompts, replies, None, batch_size, stats=stats)
+    rows = [{"id": c.id, "score": norm.apply(r), "raw_score": r} for c, r in zip(convs, raw)]
+    write_jsonl(out, rows)
+    if stats.get("truncated") or stats.get("clipped"):
+        warn(f"{stats['truncated']} prompts lost old turns and {stats['clipped']} replies were clipped to the "
+             f"model's context ({_seq_len(model, None)} tokens)")
+    mean = sum(r["score"] for r in rows) / max(1, len(rows))
+    print0(f"scored {len(rows)} conversations (mean normalised score {mean:+.4f}) -> {out}")
+    return {"n": len(rows), "mean": mean, "truncated": stats.get("truncated", 0), "clipped": stats.get("clipped", 0),
+            "out": str(out)}
