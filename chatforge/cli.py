@@ -210,6 +210,42 @@ def chat(
     stage.run(model, temperature, top_p, top_k, max_new_tokens, seed)
 
 
+def _rl_command(stage_name: str, cfg_name: str, policy: str | None, reward: str | None, prompts: str | None,
+                reference: str | None, out: Path, config: Path | None, set_: list[str] | None, resume: bool) -> None:
+    import importlib
+
+    from chatforge import config as config_mod
+
+    cfg = config_mod.load_config(getattr(config_mod, cfg_name), config, set_)
+    cfg.policy, cfg.reward = policy or cfg.policy, reward or cfg.reward
+    cfg.prompts = prompts or cfg.prompts
+    if hasattr(cfg, "reference"):
+        cfg.reference = reference or cfg.reference
+    importlib.import_module(f"chatforge.stages.{stage_name}").run(cfg, out, resume=resume)
+
+
+PolicyOpt = typer.Option(None, "--policy", help="Model to train (SFT run dir, HF dir, name).")
+RewardOpt = typer.Option(None, "--reward", help="RM run dir/HF dir/name | tasks | keyword:WORD[,WORD].")
+PromptsOpt = typer.Option(None, "--prompts", help="Prompt JSONL or tasks:N[:SEED].")
+ReferenceOpt = typer.Option(None, "--reference", help="KL reference (default: the policy as loaded; LoRA: adapters off).")
+
+
+@app.command()
+def ppo(policy: str = PolicyOpt, reward: str = RewardOpt, prompts: str = PromptsOpt, reference: str = ReferenceOpt,
+        out: Path = typer.Option(..., "--out", "-o"), config: Path = ConfigOpt, set_: list[str] = SetOpt,
+        resume: bool = ResumeOpt) -> None:
+    """PPO(-ptx) against a reward model, with a per-token KL penalty to the frozen reference."""
+    _rl_command("ppo", "PPOConfig", policy, reward, prompts, reference, out, config, set_, resume)
+
+
+@app.command()
+def grpo(policy: str = PolicyOpt, reward: str = RewardOpt, prompts: str = PromptsOpt, reference: str = ReferenceOpt,
+         out: Path = typer.Option(..., "--out", "-o"), config: Path = ConfigOpt, set_: list[str] = SetOpt,
+         resume: bool = ResumeOpt) -> None:
+    """GRPO: groups of K replies per prompt, group-normalised advantages, optional KL to the reference."""
+    _rl_command("grpo", "GRPOConfig", policy, reward, prompts, reference, out, config, set_, resume)
+
+
 @app.command()
 def bench(
     stage: str = typer.Argument(..., help="pretrain | generate"),

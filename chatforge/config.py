@@ -345,9 +345,9 @@ class RMDataConfig:
     """Comparison JSONL paths or `embedded:NAME` (e.g. embedded:prefs/hh)."""
     val_fraction: float = 0.1
     """Held-out share of tasks, split by a hash of task_id (all labels of one task stay together)."""
-    aggregate: str = "none"
-    """Several labelers on one task: `none` trains on each record as is; another name (e.g. bradley_terry)
-    merges them first through chatforge.data.aggregate."""
+    aggregate: Literal["none", "bradley_terry", "ranked_pairs", "borda"] = "none"
+    """Several labelers on one task: `none` trains on each record as is; a method merges each task's
+    labels into one consensus ranking first (chatforge.data.aggregate)."""
 
 
 @dataclass

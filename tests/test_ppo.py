@@ -111,8 +111,8 @@ def test_ptx_adds_exactly_coef_times_lm_loss(setup, tiny_tokenizer, tiny_model_f
     cfg.ptx.coef = 0.7
     with_ptx, stats = ppo_loss(policy, critic, traj, adv, ret, cfg, ptx_batch)
     lm, _ = lm_loss(policy, ptx_batch)
-    assert float((with_ptx - base).detach()) == pytest.approx(0.7 * float(lm), rel=1e-6)
-    assert stats["ppo/ptx_loss"] == pytest.approx(float(lm)) and float(lm) > 1.0
+    assert float((with_ptx - base).detach()) == pytest.approx(0.7 * lm.item(), rel=1e-6)
+    assert stats["ppo/ptx_loss"] == pytest.approx(lm.item()) and lm.item() > 1.0
     # and the added term has gradients: the LM loss really trains the policy
     with_ptx.backward()
     assert policy.model.embed_tokens.weight.grad.abs().sum() > 0
@@ -157,7 +157,7 @@ def test_ppo_exact_resume_after_sigkill(setup, tmp_path):
 
     root, model_dir, prompts = setup
     data = make_data_dir(tmp_path / "data", __import__("transformers").AutoTokenizer.from_pretrained(model_dir))
-    sets = _ppo_sets(root, model_dir, prompts, 10, ["train.checkpoint_every=3", "ppo.kl_target=2.0",
+    sets = _ppo_sets(root, model_dir, prompts, 8, ["train.checkpoint_every=3", "ppo.kl_target=2.0",
                                                     "ptx.coef=0.5", f"ptx.data={data}", "ptx.seq_len=16"])
     ref = tmp_path / "ref"
     run(load_config(PPOConfig, None, sets), ref)  # uninterrupted, in this process (saves an interpreter start)
@@ -166,11 +166,11 @@ def test_ppo_exact_resume_after_sigkill(setup, tmp_path):
     r = run_killed_then_resumed([sys.executable, "-c", RUN_PPO, str(out), *sets], out, 3, env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout
-    for name in ("model/model.safetensors", "checkpoints/step-10/critic.safetensors"):
+    for name in ("model/model.safetensors", "checkpoints/step-8/critic.safetensors"):
         assert (ref / name).read_bytes() == (out / name).read_bytes(), name
-    state = torch.load(out / "checkpoints" / "step-10" / "state.pt", weights_only=False)
+    state = torch.load(out / "checkpoints" / "step-8" / "state.pt", weights_only=False)
     assert state["kl_ctl"]["value"] != 0.05, "the adaptive KL coefficient moved (and was restored on resume)"
-    assert state["ptx"]["cursor"] > 0 and state["prompts"]["epoch"] >= 2
+    assert state["ptx"]["cursor"] > 0 and state["prompts"]["epoch"] == 1
 
 
 def test_rm_reward_and_rm_initialised_critic(tiny_tokenizer, tiny_model_factory, tmp_path):
@@ -246,3 +246,45 @@ def test_guards_warn_with_numbers_and_can_stop(capsys):
     restored = HackingGuards(RLGuardConfig(window=4), "ppo")
     restored.load_state_dict(g.state_dict())
     assert restored.history == g.history and restored.fired == g.fired
+
+
+def test_non_finite_rewards_skip_the_update(setup, tmp_path, monkeypatch):
+    from chatforge.stages import ppo
+
+    class NaNReward:
+        name = "nan"
+
+        def score(self, prompts, replies):
+            return [float("nan")] * len(replies)
+
+    root, model_dir, prompts = setup
+    monkeypatch.setattr(ppo, "make_reward_source", lambda *a, **k: NaNReward())
+    cfg = load_config(PPOConfig, None, _ppo_sets(root, model_dir, prompts, 8, ["train.checkpoint_every=0"]))
+    with pytest.raises(UserError, match="5 consecutive non-finite steps"):
+        ppo.run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_rm_with_another_tokenizer_rescores_text(tiny_tokenizer, tiny_model_factory, tmp_path):
+    from chatforge.core.rewards import make_reward_source, same_token_ids
+    from chatforge.core.tokenizer import train_tokenizer
+    from chatforge.stages.ppo import load_critic
+    from chatforge.stages.rm import RewardNorm, init_reward_model, save_reward_model
+
+    other_tok = train_tokenizer(["A quite different corpus about cats and dogs. " * 40], vocab_size=300,
+                                out_dir=tmp_path / "tok2")
+    assert not same_token_ids(tiny_tokenizer, other_tok)
+    rm_base = save_tiny_model(tmp_path / "rm_base", other_tok, tiny_model_factory, hidden=32, layers=1)
+    rm, rm_tok, _ = init_reward_model(str(rm_base), seed=0)
+    save_reward_model(rm, rm_tok, RewardNorm(), tmp_path / "rm")
+    reward = make_reward_source(str(tmp_path / "rm"))
+    policy_dir = save_tiny_model(tmp_path / "policy", tiny_tokenizer, tiny_model_factory)
+    # replies are text: the RM re-tokenises them with its own template and vocabulary
+    scores = reward.score([{"id": "a", "messages": _messages("Hi")}], ["Lily saw a big red ball."])
+    assert len(scores) == 1 and scores[0] == scores[0]
+    cfg = load_config(PPOConfig, None, [])
+    _, desc = load_critic(cfg, tiny_model_factory(tiny_tokenizer), tiny_tokenizer, policy_dir, reward, torch.device("cpu"))
+    assert "from the policy" in desc, "an RM that cannot read the policy's ids cannot be the critic"
+    cfg.critic.init = "reward"
+    with pytest.raises(UserError, match="tokenizer differs"):
+        load_critic(cfg, tiny_model_factory(tiny_tokenizer), tiny_tokenizer, policy_dir, reward, torch.device("cpu"))
