@@ -70,7 +70,7 @@ def generate(path: Path, size_mb: float, seed: int = 0) -> dict:
     return {"documents": docs, "planted_exact": exact, "planted_near": near, "bytes": path.stat().st_size}
 
 
-def child(size_mb: float, workdir: Path, vocab_size: int, tokenizer: str | None, keep: bool) -> dict:
+def child(size_mb: float, workdir: Path, vocab_size: int, tokenizer: str | None, keep: bool, workers: int) -> dict:
     """Generate, then prepare, in this process; report throughput and peak RSS."""
     from chatforge.data.corpus import PrepareConfig, prepare
 
@@ -80,24 +80,28 @@ def child(size_mb: float, workdir: Path, vocab_size: int, tokenizer: str | None,
     gen_s = time.time() - t0
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = workdir / f"prepared-{size_mb:g}mb"
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.time()
-    rep = prepare([src], out, PrepareConfig(vocab_size=vocab_size, progress=False),
+    rep = prepare([src], out, PrepareConfig(vocab_size=vocab_size, progress=False, workers=workers),
                   tokenizer=Path(tokenizer) if tokenizer else None)
     elapsed = time.time() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)  # all threads (tokenizers uses several)
+    peak = ru1.ru_maxrss / 1024
     if not keep:
         src.unlink()
         import shutil
 
         shutil.rmtree(out)
     return {
-        "input_mb": round(planted["bytes"] / 1e6, 1), "documents": rep["documents_read"],
+        "input_mb": round(planted["bytes"] / 1e6, 1), "workers": workers, "documents": rep["documents_read"],
         "kept": rep["documents_kept"], "exact_dups": rep["exact_duplicates"], "near_dups": rep["near_duplicates"],
         "planted_exact": planted["planted_exact"], "planted_near": planted["planted_near"],
         "tokens": sum(s["tokens"] for s in rep["splits"].values()),
         "generate_s": round(gen_s, 1), "prepare_s": round(elapsed, 1),
         **rep["timings"],
         "docs_per_s": round(rep["documents_read"] / elapsed), "mb_per_s": round(planted["bytes"] / 1e6 / elapsed, 2),
+        "cpu_s": round(cpu, 1), "mb_per_cpu_s": round(planted["bytes"] / 1e6 / cpu, 2),
         "rss_after_generate_mb": round(rss_before), "peak_rss_mb": round(peak),
     }
 
@@ -109,13 +113,14 @@ def main() -> None:
     ap.add_argument("--workdir", type=str, default=None, help="where to write inputs/outputs (default: temp)")
     ap.add_argument("--vocab-size", type=int, default=4096, help="BPE size trained when no --tokenizer")
     ap.add_argument("--tokenizer", type=str, default=None, help="use this tokenizer dir instead of training one")
+    ap.add_argument("--workers", type=int, default=0, help="PrepareConfig.workers (0 = auto)")
     ap.add_argument("--keep", action="store_true", help="keep the generated input and prepared output")
     ap.add_argument("--json", type=str, default=None, help="also write the results here")
     ap.add_argument("--child", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child is not None:
-        res = child(args.child, Path(args.workdir), args.vocab_size, args.tokenizer, args.keep)
+        res = child(args.child, Path(args.workdir), args.vocab_size, args.tokenizer, args.keep, args.workers)
         print("RESULT " + json.dumps(res))
         return
 
@@ -124,7 +129,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for size in sizes:
             cmd = [sys.executable, __file__, "--child", str(size), "--workdir", tmp, "--vocab-size",
-                   str(args.vocab_size)] + (["--tokenizer", args.tokenizer] if args.tokenizer else []) + \
+                   str(args.vocab_size), "--workers", str(args.workers)] + (["--tokenizer", args.tokenizer] if args.tokenizer else []) + \
                   (["--keep"] if args.keep else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -138,8 +143,9 @@ def main() -> None:
     from rich.table import Table
 
     t = Table(title="chatforge data prepare — synthetic JSONL")
-    cols = ["input_mb", "documents", "kept", "exact_dups", "near_dups", "tokens", "prepare_s",
-            "read_filter_dedup_s", "tokenizer_s", "tokenize_s", "docs_per_s", "mb_per_s", "peak_rss_mb"]
+    cols = ["input_mb", "workers", "documents", "kept", "exact_dups", "near_dups", "tokens", "prepare_s",
+            "read_filter_dedup_s", "tokenizer_s", "tokenize_s", "docs_per_s", "mb_per_s", "cpu_s", "mb_per_cpu_s",
+            "peak_rss_mb"]
     for c in cols:
         t.add_column(c, justify="right")
     for r in results:

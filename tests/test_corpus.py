@@ -248,6 +248,9 @@ def test_all_dropped_is_an_error_and_refuses_foreign_dir(tmp_path, tiny_tokenize
     with pytest.raises(UserError, match="all 2 documents were dropped"):
         run([p], tmp_path / "out", tiny_tokenizer)
     assert no_leftovers(tmp_path / "out")
+    with pytest.raises(UserError, match="tokenizer directory not found"):
+        prepare([p], tmp_path / "out", PrepareConfig(progress=False), tokenizer=tmp_path / "no-tok")
+    assert no_leftovers(tmp_path / "out")
     foreign = tmp_path / "home"
     foreign.mkdir()
     (foreign / "precious.txt").write_text("keep me")
@@ -271,6 +274,17 @@ def test_split_is_deterministic_across_runs_and_chunking(tmp_path, tiny_tokenize
     # Membership depends on the document only, not on what else is in the corpus.
     run([b], tmp_path / "o3", tiny_tokenizer, val_fraction=0.2)
     assert read_texts(tmp_path / "o3/text/val.jsonl") == [t for t in v1 if t in docs[25:]]
+
+
+def test_worker_processes_give_identical_output(tmp_path, tiny_tokenizer):
+    docs = [make_doc(i, 60) for i in range(50)] + [make_doc(3, 60), "short one"]
+    src = write_jsonl(tmp_path / "d.jsonl", docs)
+    r1 = run([src], tmp_path / "w1", tiny_tokenizer, workers=1, chunk_docs=8, val_fraction=0.2)
+    r2 = run([src], tmp_path / "w2", tiny_tokenizer, workers=2, chunk_docs=8, val_fraction=0.2)
+    assert r1["dropped"] == r2["dropped"] and r1["splits"] == r2["splits"]
+    assert r2["dropped"]["exact_duplicate"] == 1 and r2["dropped"]["min_words"] == 1
+    for name in ("text/train.jsonl", "text/val.jsonl", "train/shard-00000.bin"):
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes()
 
 
 def test_two_documents_give_one_val_document(tmp_path, tiny_tokenizer):
@@ -335,3 +349,17 @@ def test_rerun_replaces_output_and_report_table(tmp_path, tiny_tokenizer):
     console = Console(width=120, record=True)
     console.print(format_report(rep))
     assert "documents kept" in console.export_text()
+
+
+def test_default_run_embedded_corpus_trained_tokenizer(tmp_path):
+    """No inputs, no tokenizer: the embedded corpus, mostly kept by the default filters, own BPE."""
+    out = tmp_path / "data"
+    rep = prepare(None, out, PrepareConfig(vocab_size=300, progress=False))
+    assert rep["documents_read"] == 11524  # 7222 Shakespeare blocks + 4302 TinyStories paragraphs
+    assert rep["documents_kept"] / rep["documents_read"] > 0.9
+    kept_chars = sum(s["chars"] for s in rep["splits"].values())
+    assert kept_chars > 0.97 * 1_900_000  # ~1.9M chars of cleaned input text
+    meta = load_meta(out)
+    assert meta["vocab_size"] == 300 and meta["tokenizer_source"] is None
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert 0.03 < rep["splits"]["val"]["documents"] / rep["documents_kept"] < 0.07

@@ -18,13 +18,18 @@ leaves nothing at OUT. The returned report is also written to OUT/report.json.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
+import multiprocessing
+import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -44,13 +49,12 @@ from chatforge.core.io import UserError, atomic_dir, sha256_file, sha256_path, w
 from chatforge.core.log import console, print0
 from chatforge.data.corpus_clean import (
     FILTER_NAMES,
+    Analyzed,
     DedupConfig,
     Deduper,
     Normalization,
     QualityFilters,
-    clean_text,
-    dedup_key,
-    quality_failure,
+    analyze_chunk,
 )
 from chatforge.data.corpus_read import iter_documents, list_inputs
 from chatforge.data.shards import FORMAT, ShardWriter, token_dtype
@@ -61,6 +65,8 @@ EMBEDDED_CORPUS = Path(__file__).parent / "embedded" / "corpus"
 SPLITS = ("train", "val")
 PROGRESS_MIN_BYTES = 8 << 20  # show progress bars only for inputs at least this big
 PROGRESS_MIN_DOCS = 20_000
+AUTO_WORKERS_MIN_BYTES = 32 << 20  # below this a process pool costs more than it saves
+AUTO_WORKERS_MAX = 8
 
 
 @dataclass
@@ -85,6 +91,9 @@ class PrepareConfig:
     """Seed of the train/val split hash (and of the MinHash permutations)."""
     chunk_docs: int = 1000
     """Documents processed (and tokenized) per batch."""
+    workers: int = 0
+    """Processes for cleaning/filtering/MinHash; 0 = auto (1 below 32 MB of input, else one per core
+    minus one, up to 8). The output does not depend on it."""
     tokenizer_train_chars: int = 2_000_000_000
     """Train the tokenizer on at most this many characters of train text (nanochat uses 2B)."""
     progress: bool = True
@@ -99,6 +108,8 @@ class PrepareConfig:
             p.append("vocab_size must be >= 263 (256 bytes + special tokens)")
         if self.shard_tokens < 1:
             p.append("shard_tokens must be >= 1")
+        if self.workers < 0:
+            p.append("workers must be >= 0 (0 = auto)")
         if self.chunk_docs < 1:
             p.append("chunk_docs must be >= 1")
         if self.normalization not in ("NFC", "NFKC", "none"):
@@ -180,16 +191,14 @@ def split_hash(key: bytes, seed: int) -> int:
     return int.from_bytes(hashlib.sha1(seed.to_bytes(8, "little", signed=True) + key).digest()[:8], "little")
 
 
-def _process_chunk(docs: list[str], cfg: PrepareConfig, deduper: Deduper | None, stats: _Stats,
-                   out: dict[str, TextIO]) -> None:
+def _consume(analyzed: list[Analyzed], cfg: PrepareConfig, deduper: Deduper | None, stats: _Stats,
+             out: dict[str, TextIO]) -> None:
+    """The stateful part, always in the main process and in input order: dedup, split, write."""
     cut = int(cfg.val_fraction * 2**64)
     lines: dict[str, list[str]] = {s: [] for s in SPLITS}
-    for raw in docs:
-        text = clean_text(raw, cfg.normalization)
-        reason = quality_failure(text, cfg.filters)
-        key = dedup_key(text) if reason is None else b""
+    for text, reason, key, sig in analyzed:
         if reason is None and deduper is not None:
-            reason = deduper.check(text, key)
+            reason = deduper.check(text, key, sig)
         if reason is not None:
             stats.dropped[reason] += 1
             continue
@@ -204,12 +213,40 @@ def _process_chunk(docs: list[str], cfg: PrepareConfig, deduper: Deduper | None,
         out[s].writelines(lines[s])
 
 
-def _ingest(files: list[Path], root: Path, cfg: PrepareConfig, bar: _Progress) -> _Stats:
-    """Stream every input through clean -> filter -> dedup -> split into root/text/{train,val}.jsonl."""
+def _num_workers(cfg: PrepareConfig, total_bytes: int) -> int:
+    if cfg.workers > 0:
+        return cfg.workers
+    if total_bytes < AUTO_WORKERS_MIN_BYTES:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(AUTO_WORKERS_MAX, cores - 1))
+
+
+def _ingest(files: list[Path], root: Path, cfg: PrepareConfig, bar: _Progress, workers: int) -> _Stats:
+    """Stream every input through clean -> filter -> dedup -> split into root/text/{train,val}.jsonl.
+
+    With workers > 1, chunks are analyzed (clean, filter, key, signature) in a process pool with at
+    most 2 chunks per worker in flight, so memory stays bounded; results are consumed in input order,
+    so the output is identical for any number of workers.
+    """
     stats = _Stats()
-    deduper = Deduper(cfg.dedup, seed=cfg.seed + 1) if (cfg.dedup.exact or cfg.dedup.near) else None
+    seed = cfg.seed + 1  # MinHash permutations
+    deduper = Deduper(cfg.dedup, seed=seed) if (cfg.dedup.exact or cfg.dedup.near) else None
+    analyze = functools.partial(analyze_chunk, normalization=cfg.normalization, filters=cfg.filters,
+                                dedup=cfg.dedup, seed=seed)
     (root / "text").mkdir(parents=True, exist_ok=True)
     outs = {s: open(root / "text" / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    pending: collections.deque[Future] = collections.deque()
+
+    def submit(chunk: list[str]) -> None:
+        if pool is None:
+            _consume(analyze(chunk), cfg, deduper, stats, outs)
+            return
+        pending.append(pool.submit(analyze, chunk))
+        while len(pending) > 2 * workers:
+            _consume(pending.popleft().result(), cfg, deduper, stats, outs)
+
     try:
         for path in files:
             n_file = 0
@@ -218,15 +255,20 @@ def _ingest(files: list[Path], root: Path, cfg: PrepareConfig, bar: _Progress) -
                 chunk.append(doc)
                 n_file += 1
                 if len(chunk) >= cfg.chunk_docs:
-                    _process_chunk(chunk, cfg, deduper, stats, outs)
+                    submit(chunk)
                     chunk = []
                     bar.docs(stats.read + n_file)
-            _process_chunk(chunk, cfg, deduper, stats, outs)
+            if chunk:
+                submit(chunk)
             stats.read += n_file
             size = path.stat().st_size
             bar.file_done(size)
             stats.inputs.append({"path": str(path), "bytes": size, "sha256": sha256_file(path), "documents": n_file})
+        while pending:
+            _consume(pending.popleft().result(), cfg, deduper, stats, outs)
     finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
         for f in outs.values():
             f.close()
     return stats
@@ -276,18 +318,23 @@ def _batches(items: Iterable[str], n: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _get_tokenizer(root: Path, cfg: PrepareConfig, tokenizer: Path | None) -> Any:
-    """Load the given tokenizer (a copy is saved in OUT/tokenizer) or train one on the train text."""
-    from chatforge.core.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
+def _load_given_tokenizer(tokenizer: Path) -> Any:
+    from chatforge.core.tokenizer import TokenizerError, load_tokenizer
 
     try:
-        if tokenizer is not None:
-            tok = load_tokenizer(tokenizer)
-            tok.save_pretrained(root / "tokenizer")
-            return tok
-        if cfg.progress:
-            print0(f"training a {cfg.vocab_size}-token byte-level BPE on the kept train text")
-        texts = _capped(_iter_texts(root / "text" / "train.jsonl"), cfg.tokenizer_train_chars)
+        return load_tokenizer(tokenizer)
+    except TokenizerError as e:
+        raise UserError(str(e)) from None
+
+
+def _train_tokenizer(root: Path, cfg: PrepareConfig) -> Any:
+    """Train a byte-level BPE of cfg.vocab_size on root/text/train.jsonl into root/tokenizer."""
+    from chatforge.core.tokenizer import TokenizerError, train_tokenizer
+
+    if cfg.progress:
+        print0(f"training a {cfg.vocab_size}-token byte-level BPE on the kept train text")
+    texts = _capped(_iter_texts(root / "text" / "train.jsonl"), cfg.tokenizer_train_chars)
+    try:
         return train_tokenizer(texts, cfg.vocab_size, root / "tokenizer")
     except TokenizerError as e:
         raise UserError(str(e)) from None
@@ -360,13 +407,12 @@ def prepare(inputs: list[Path] | None, out: Path, cfg: PrepareConfig | None = No
     out = Path(out)
     files = list_inputs([Path(p) for p in inputs] if inputs else default_corpus_paths(), exclude=out)
     _check_out(out)
-    if tokenizer is not None and not Path(tokenizer).exists():
-        raise UserError(f"tokenizer directory not found: {tokenizer}")
+    given_tok = _load_given_tokenizer(Path(tokenizer)) if tokenizer is not None else None  # fail fast
     total_bytes = sum(p.stat().st_size for p in files)
     with atomic_dir(out) as root:
         bar = _Progress(total_bytes, cfg.progress)
         try:
-            stats = _ingest(files, root, cfg, bar)
+            stats = _ingest(files, root, cfg, bar, _num_workers(cfg, total_bytes))
         finally:
             bar.stop()
         if stats.kept == 0:
@@ -376,7 +422,11 @@ def prepare(inputs: list[Path] | None, out: Path, cfg: PrepareConfig | None = No
         _ensure_val(root, stats, cfg)
         timings = {"read_filter_dedup_s": time.time() - t0}
         t1 = time.time()
-        tok = _get_tokenizer(root, cfg, Path(tokenizer) if tokenizer is not None else None)
+        if given_tok is not None:
+            tok = given_tok
+            tok.save_pretrained(root / "tokenizer")  # the prepared dir is self-contained
+        else:
+            tok = _train_tokenizer(root, cfg)
         timings["tokenizer_s"] = time.time() - t1
         t1 = time.time()
         bar = _Progress(stats.kept, cfg.progress, unit="docs", description="tokenizing")

@@ -253,62 +253,94 @@ def dedup_key(text: str) -> bytes:
     return hashlib.sha1(" ".join(text.lower().split()).encode("utf-8")).digest()
 
 
+class MinHasher:
+    """Stateless MinHash signatures of word shingles (datasketch `MinHash`, affine32 scheme).
+
+    Words are lowercased and stripped of punctuation; each word is crc32-hashed once and each k-word
+    shingle hash is a rolling combination of its word hashes folded to 32 bits (datasketch pre-mixes
+    inputs with a murmur finalizer). Same (num_perm, shingle, seed) -> same signatures in any process.
+    """
+
+    def __init__(self, num_perm: int = 128, shingle: int = 5, seed: int = 1):
+        from datasketch import MinHash
+
+        self.num_perm, self.shingle = num_perm, shingle
+        self._minhash_cls = MinHash
+        self._perms = MinHash(num_perm=num_perm, seed=seed).permutations
+
+    def __call__(self, text: str) -> np.ndarray:
+        """Signature (uint32[num_perm]) of `text`."""
+        words = [w for w in (t.strip(_PUNCT) for t in text.lower().split()) if w] or [""]
+        wh = np.fromiter(map(zlib.crc32, map(str.encode, words)), np.uint64, len(words))
+        sh = ngram_hashes(wh, min(self.shingle, len(words)))
+        sh = (sh ^ (sh >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
+        m = self._minhash_cls(num_perm=self.num_perm, hashfunc=int, permutations=self._perms, scheme="affine32")
+        m.update_batch(sh)
+        return m.hashvalues
+
+
 class Deduper:
     """Exact-duplicate set plus a compact MinHash LSH index; `check` returns a drop reason or None.
 
-    Signatures are datasketch `MinHash`es (affine32 scheme; shingles hashed with crc32, which
-    datasketch pre-mixes with a murmur finalizer). Banding (b bands of r rows) comes from datasketch's
-    `MinHashLSH` for the threshold. The index itself is one dict per band mapping a 64-bit band hash
-    to a document number: a document that collides in any band is a near-duplicate and is never
-    inserted, so buckets hold one entry and cost ~0.1 KB per band instead of datasketch's per-bucket
-    sets (~3.6 KB vs ~0.9 KB per kept document, measured). Candidates are not re-verified against
-    the exact Jaccard (signatures are not kept, to bound memory), so pairs somewhat below the
-    threshold are occasionally dropped: P(drop) = 1 - (1 - J^r)^b, about 8% at J = 0.7 for the
-    defaults (b=9, r=13), 0.1% at J = 0.5.
+    Banding (b bands of r rows) comes from datasketch's `MinHashLSH` for the threshold. The index
+    itself is one dict per band mapping a 64-bit band hash to a document number: a document that
+    collides in any band is a near-duplicate and is never inserted, so buckets hold one entry and
+    cost ~0.1 KB per band instead of datasketch's per-bucket sets (~0.9 KB vs ~3.6 KB per kept
+    document, measured). Candidates are not re-verified against the exact Jaccard (signatures are not
+    kept, to bound memory), so pairs somewhat below the threshold are occasionally dropped:
+    P(drop) = 1 - (1 - J^r)^b, about 8% at J = 0.7 for the defaults (b=9, r=13), 0.1% at J = 0.5.
     """
 
     def __init__(self, cfg: DedupConfig, seed: int = 1):
-        from datasketch import MinHash, MinHashLSH
+        from datasketch import MinHashLSH
 
         self.cfg = cfg
+        self.minhasher = MinHasher(cfg.num_perm, cfg.shingle, seed)
         self.exact_seen: set[bytes] = set()
-        self._minhash_cls = MinHash
-        self._perms = MinHash(num_perm=cfg.num_perm, seed=seed).permutations
         lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
         self.bands, self.rows = lsh.b, lsh.r
         self.tables: list[dict[int, int]] = [{} for _ in range(self.bands)]
         self.inserted = 0
 
-    def signature(self, text: str) -> np.ndarray:
-        """MinHash signature (uint32[num_perm]) of the document's word shingles.
+    def check(self, text: str, key: bytes, signature: np.ndarray | None = None) -> str | None:
+        """'exact_duplicate', 'near_duplicate', or None (then the document is recorded as seen).
 
-        Words are lowercased and stripped of punctuation; each word is crc32-hashed once and each
-        k-word shingle hash is a rolling combination of its word hashes (folded to 32 bits).
+        `signature` may be precomputed (by `analyze_chunk` in a worker process); else it is computed.
         """
-        words = [w for w in (t.strip(_PUNCT) for t in text.lower().split()) if w] or [""]
-        wh = np.fromiter(map(zlib.crc32, map(str.encode, words)), np.uint64, len(words))
-        sh = ngram_hashes(wh, min(self.cfg.shingle, len(words)))
-        sh = (sh ^ (sh >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
-        m = self._minhash_cls(num_perm=self.cfg.num_perm, hashfunc=int, permutations=self._perms,
-                              scheme="affine32")
-        m.update_batch(sh)
-        return m.hashvalues
-
-    def _band_keys(self, sig: np.ndarray) -> list[int]:
-        r = self.rows
-        return [hash(sig[i * r: (i + 1) * r].tobytes()) for i in range(self.bands)]
-
-    def check(self, text: str, key: bytes) -> str | None:
-        """'exact_duplicate', 'near_duplicate', or None (then the document is recorded as seen)."""
         if self.cfg.exact:
             if key in self.exact_seen:
                 return "exact_duplicate"
             self.exact_seen.add(key)
         if self.cfg.near:
-            keys = self._band_keys(self.signature(text))
+            sig = signature if signature is not None else self.minhasher(text)
+            r = self.rows
+            keys = [hash(sig[i * r: (i + 1) * r].tobytes()) for i in range(self.bands)]
             if any(k in t for k, t in zip(keys, self.tables)):
                 return "near_duplicate"
             for k, t in zip(keys, self.tables):
                 t[k] = self.inserted
             self.inserted += 1
         return None
+
+
+Analyzed = tuple[str, str | None, bytes, "np.ndarray | None"]
+"""(clean text or "" if dropped, quality failure or None, dedup key, MinHash signature or None)."""
+
+
+def analyze_chunk(docs: list[str], normalization: Normalization, filters: QualityFilters, dedup: DedupConfig,
+                  seed: int) -> list[Analyzed]:
+    """The per-document, stateless part of the pipeline: clean, quality-check, key and signature.
+
+    Top-level and picklable so `data prepare` can run it in worker processes; dropped documents
+    come back without their text.
+    """
+    minhasher = MinHasher(dedup.num_perm, dedup.shingle, seed) if dedup.near else None
+    out: list[Analyzed] = []
+    for raw in docs:
+        text = clean_text(raw, normalization)
+        reason = quality_failure(text, filters)
+        if reason is not None:
+            out.append(("", reason, b"", None))
+            continue
+        out.append((text, None, dedup_key(text), minhasher(text) if minhasher is not None else None))
+    return out
