@@ -24,6 +24,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Corpus preparation.")
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Tokenizers.")
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
+rm_app = typer.Typer(no_args_is_help=True, help="Reward models from K-wise rankings.")
+app.add_typer(rm_app, name="rm")
 models_app = typer.Typer(no_args_is_help=True, help="Base models by name (built-in, GGUF, HF dirs, hub ids).")
 app.add_typer(models_app, name="models")
 
@@ -244,6 +246,73 @@ def grpo(policy: str = PolicyOpt, reward: str = RewardOpt, prompts: str = Prompt
          resume: bool = ResumeOpt) -> None:
     """GRPO: groups of K replies per prompt, group-normalised advantages, optional KL to the reference."""
     _rl_command("grpo", "GRPOConfig", policy, reward, prompts, reference, out, config, set_, resume)
+
+
+@rm_app.command("train")
+def rm_train(
+    model: str = typer.Option(None, "--model", "-m", help="Start from (usually the SFT run)."),
+    data: list[str] = typer.Option(None, "--data", "-d", help="Comparison JSONL or embedded:NAME (repeatable)."),
+    out: Path = typer.Option(..., "--out", "-o"),
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    resume: bool = ResumeOpt,
+) -> None:
+    """Train a reward model on all pairs of each K-wise ranking (InstructGPT's 1/C(K,2) weighting)."""
+    from chatforge.config import RMConfig, load_config
+    from chatforge.stages import rm as stage
+
+    cfg = load_config(RMConfig, config, set_)
+    cfg.model = model or cfg.model
+    cfg.data.paths = list(data) if data else cfg.data.paths
+    stage.run(cfg, out, resume=resume)
+
+
+@rm_app.command("eval")
+def rm_eval_cmd(
+    model: str = typer.Option(..., "--model", "-m"),
+    data: list[str] = typer.Option(..., "--data", "-d"),
+    out: Path = typer.Option(None, "--out", "-o", help="Dir for eval.json and the reliability plot."),
+    split: str = typer.Option("all", "--split", help="all | val | train"),
+) -> None:
+    """Pairwise accuracy (by source and K), calibration plot, reward-length correlation."""
+    import json
+
+    from chatforge.stages.rm_eval import evaluate
+
+    print(json.dumps(evaluate(model, list(data), out, split=split), indent=2, default=str))
+
+
+@rm_app.command("score")
+def rm_score_cmd(
+    model: str = typer.Option(..., "--model", "-m"),
+    data: Path = typer.Option(..., "--data", "-d", help="Conversation JSONL (the last assistant turn is scored)."),
+    out: Path = typer.Option(..., "--out", "-o"),
+) -> None:
+    """Score conversations with a reward model (normalised so SFT replies average 0)."""
+    import json
+
+    from chatforge.stages.rm_eval import score
+
+    print(json.dumps(score(model, data, out), indent=2, default=str))
+
+
+@app.command()
+def dpo(
+    policy: str = PolicyOpt,
+    data: list[str] = typer.Option(None, "--data", "-d", help="Comparison JSONL or embedded:NAME (repeatable)."),
+    out: Path = typer.Option(..., "--out", "-o"),
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    resume: bool = ResumeOpt,
+) -> None:
+    """DPO (sigmoid; IPO via --set dpo.loss=ipo) on comparisons, K-wise rankings expanded to pairs."""
+    from chatforge.config import DPOConfig, load_config
+    from chatforge.stages import dpo as stage
+
+    cfg = load_config(DPOConfig, config, set_)
+    cfg.policy = policy or cfg.policy
+    cfg.data.paths = list(data) if data else cfg.data.paths
+    stage.run(cfg, out, resume=resume)
 
 
 @app.command()

@@ -259,3 +259,27 @@ def test_absolute_position_model_left_padding(tok):
             logp = torch.log_softmax(model(ids).logits[0], dim=-1)
         expected = [logp[len(p) - 1 + i, t].item() for i, t in enumerate(group[0].token_ids)]
         assert group[0].logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_finished_rows_are_retired_without_changing_results(model, tok, prompts, monkeypatch):
+    calls = []
+    real_retire = gen._retire
+    monkeypatch.setattr(gen, "_retire", lambda state, which: calls.append(len(which)) or real_retire(state, which))
+    params = [SamplingParams(max_new_tokens=3, seed=1), SamplingParams(temperature=0.9, max_new_tokens=12, seed=2),
+              SamplingParams(temperature=0, max_new_tokens=5)]
+    out = run(model, tok, prompts, params, num_samples=2)
+    assert calls[0] == 6 and calls[-1] < 6  # compacted 6 rows mid-way, then the rest at the end
+    for p, pp, group in zip(prompts, params, out, strict=True):
+        for j, g in enumerate(group):
+            seed = None if pp.seed is None else pp.seed + j
+            alone = run(model, tok, [p], SamplingParams(temperature=pp.temperature, max_new_tokens=pp.max_new_tokens,
+                                                        seed=seed))[0][0]
+            assert g.token_ids == alone.token_ids and len(g.token_ids) == pp.max_new_tokens
+            assert g.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
+
+
+def test_batch_size_chunks_do_not_change_results(model, tok, prompts):
+    params = [SamplingParams(max_new_tokens=6, seed=s) for s in (1, 2, 3)]
+    whole = run(model, tok, prompts, params, num_samples=2)
+    chunked = run(model, tok, prompts, params, num_samples=2, batch_size=1)
+    assert [[g.token_ids for g in group] for group in whole] == [[g.token_ids for g in group] for group in chunked]

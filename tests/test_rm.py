@@ -14,6 +14,7 @@ from helpers import run_killed_then_resumed, save_tiny_model
 
 from chatforge.config import RMConfig, load_config
 from chatforge.core.io import DataError
+from chatforge.core.tokenizer import render_conversation
 from chatforge.data.formats import Comparison
 from chatforge.data.rm_data import (
     build_examples,
@@ -116,6 +117,42 @@ def test_flat_pairs_mode_same_loss_more_forwards(tiny_tokenizer, tiny_model_fact
         lk, _, _ = rm_loss(model, kwise)
         lf, _, _ = rm_loss(model, flat)
     assert float(lk) == pytest.approx(float(lf), abs=1e-5)
+
+
+def test_truncation_cuts_old_turns_never_the_reply(tiny_tokenizer):
+    tok = tiny_tokenizer
+    prompt = [{"role": "system", "content": "Be kind."},
+              {"role": "user", "content": "Once upon a time there was a little girl named Lily."},
+              {"role": "assistant", "content": "She liked to play outside in the sun."},
+              {"role": "user", "content": "What did she see?"}]
+    replies = {"a": "A ball.", "b": "She saw a big red ball. " * 30, "c": "The sun."}
+    asst = [{"role": "assistant", "content": replies["a"]}]
+    want = render_conversation(tok, [prompt[0], prompt[3]] + asst)[0]  # system + last user turn + reply
+    seq_len = len(want) + 2
+    assert len(render_conversation(tok, prompt + asst)[0]) > seq_len
+    cmp = Comparison.from_dict({"task_id": "t", "prompt": {"messages": prompt}, "ranking": [["a"], ["c"], ["b"]],
+                                "responses": [{"response_id": k, "content": v} for k, v in replies.items()]})
+    (ex,), st = build_examples(tok, [cmp], seq_len)
+    assert st.truncated_prompts == 1 and st.skipped_replies == 1 and st.skipped_comparisons == 0
+    assert ex.reply_ids == ["a", "c"] and ex.seqs[0] == want and ex.pairs == [(0, 1, 0.0)] and ex.weight == 1.0
+    ex, st = build_examples(tok, [cmp], 8)  # nothing fits: the comparison is skipped and counted
+    assert ex == [] and st.skipped_comparisons == 1 and st.skipped_replies == 3
+    ids, cut, clipped = render_scored(tok, prompt, replies["b"], seq_len)  # scoring always returns a number
+    assert cut and clipped and len(ids) == seq_len
+
+
+def test_several_labelers_as_is_or_aggregated(tmp_path):
+    from chatforge.data.rm_data import load_comparisons
+
+    base = {"task_id": "t", "prompt": {"messages": USER},
+            "responses": [{"response_id": r, "content": r} for r in ("a", "b", "c")]}
+    rankings = [[["a"], ["b"], ["c"]], [["a"], ["c"], ["b"]], [["b"], ["a"], ["c"]]]
+    path = tmp_path / "cmp.jsonl"
+    path.write_text("".join(json.dumps({**base, "ranking": r, "labeler": f"l{i}"}) + "\n"
+                            for i, r in enumerate(rankings)))
+    assert len(load_comparisons([str(path)])) == 3  # default: each record as is
+    (consensus,) = load_comparisons([str(path)], aggregate="bradley_terry")
+    assert consensus.ranking[0] == ["a"] and consensus.labeler == "aggregate:bradley_terry"
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -10,7 +10,8 @@ import importlib
 
 from chatforge.core.io import UserError
 
-STAGES = {"pretrain": "chatforge.bench.pretrain", "generate": "chatforge.bench.generate"}
+STAGES = {"pretrain": "chatforge.bench.pretrain", "generate": "chatforge.bench.generate", "rm": "chatforge.bench.rm",
+          "dpo": "chatforge.bench.dpo"}
 
 
 def run_bench(stage: str, quick: bool = False) -> dict:

@@ -66,9 +66,9 @@ def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float
     if not info.enabled or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=info.device)  # nccl needs GPU
     dist.all_reduce(t)
-    return {k: v / info.world_size for k, v in zip(keys, t.tolist())}
+    return {k: v / info.world_size for k, v in zip(keys, t.cpu().tolist())}
 
 
 def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -18,8 +18,9 @@ How it works (and why it beats `transformers.generate` on small models, see `cha
 - Sampling is inverse-CDF with one uniform number per row and step, drawn up front from that row's
   own `torch.Generator`: a row's reply depends only on its prompt, params and seed, never on what
   else is in the batch, and there is no per-step full-vocab `torch.multinomial` (exponential noise).
-- Rows that finished are fed the pad id and ignored; the only per-step host sync is the "all done?"
-  check (and decoding, only for rows that have stop strings).
+- Rows that finished are fed the pad id and ignored; once half of the batch has finished, those rows
+  are dropped from the batch and the KV cache. The only per-step host sync is the "how many done?"
+  check (plus decoding, only for rows that have stop strings).
 
 Models whose attention is not plain full attention (sliding windows, hybrid layers) or that use a
 kernel which cannot take a 4D mask fall back to a `DynamicCache` and a 2D padding mask, which is
@@ -36,7 +37,7 @@ from __future__ import annotations
 import functools
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -321,15 +322,59 @@ class _TextTracker:
 
 
 @dataclass
-class _State:
-    """Per-row results as the loop runs; rows are prompt-major (prompt i, sample j -> i * K + j)."""
+class _Rows:
+    """Per-row tensors of the rows still in the batch (prompt i, sample j is row i * K + j).
 
-    tokens: torch.Tensor  # (R, N) sampled ids; pad after a row finished
-    logprobs: torch.Tensor  # (R, N)
-    lengths: torch.Tensor  # (R,) tokens generated, stop token included
-    done: torch.Tensor  # (R,) bool
-    stopped: torch.Tensor  # (R,) bool: finished by a stop id or stop string
-    trackers: list[_TextTracker | None]
+    Every field is indexed by batch position on dim 0, so `select` can drop finished rows at once.
+    """
+
+    ids: torch.Tensor  # (r,) original row index
+    tokens: torch.Tensor  # (r, N) sampled ids; pad after a row finished
+    logprobs: torch.Tensor  # (r, N)
+    lengths: torch.Tensor  # (r,) tokens generated, stop token included
+    done: torch.Tensor  # (r,) bool
+    stopped: torch.Tensor  # (r,) bool: finished by a stop id or stop string
+    temperature: torch.Tensor  # (r,)
+    top_k: torch.Tensor  # (r,)
+    top_p: torch.Tensor  # (r,)
+    max_new: torch.Tensor  # (r,)
+    uniforms: torch.Tensor  # (r, N) the row's random numbers, one per step
+    positions: torch.Tensor  # (r, L) position ids (0 at the row's first real token)
+    step_mask: torch.Tensor  # (r, 1, 1, L) additive mask, or (r, L) padding mask on the fallback path
+
+    def select(self, idx: torch.Tensor) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name)[idx])
+
+
+@dataclass
+class _Reply:
+    token_ids: list[int]
+    logprobs: list[float]
+    stopped: bool
+    tracker: _TextTracker | None
+
+
+@dataclass
+class _State:
+    rows: _Rows
+    trackers: list[_TextTracker | None]  # aligned with `rows`
+    finished: dict[int, _Reply] = field(default_factory=dict)  # original row index -> reply
+
+
+def _retire(state: _State, which: torch.Tensor) -> torch.Tensor:
+    """Move the rows flagged in `which` into `state.finished`; return the batch positions kept."""
+    rows = state.rows
+    gone = which.nonzero().squeeze(1)
+    ids, lengths, stopped = rows.ids[gone].tolist(), rows.lengths[gone].tolist(), rows.stopped[gone].tolist()
+    tokens, logprobs = rows.tokens[gone].tolist(), rows.logprobs[gone].tolist()
+    for j, pos in enumerate(gone.tolist()):
+        n = lengths[j]
+        state.finished[ids[j]] = _Reply(tokens[j][:n], logprobs[j][:n], stopped[j], state.trackers[pos])
+    keep = (~which).nonzero().squeeze(1)
+    rows.select(keep)
+    state.trackers = [state.trackers[i] for i in keep.tolist()]
+    return keep
 
 
 def _row_uniforms(params: list[SamplingParams], seeds: list[int], n: int) -> torch.Tensor:
@@ -373,94 +418,120 @@ def _check_inputs(model: Any, prompts: list[list[int]], params: list[SamplingPar
         warn(f"prompt + max_new_tokens = {longest} exceeds the model's max_position_embeddings ({limit})")
 
 
-def _decode_steps(model: Any, prompts: list[list[int]], params: list[SamplingParams], stop_token_ids: list[int],
-                  pad_id: int, tokenizer: Any, num_samples: int, track_all: bool) -> Iterator[_State]:
-    """Prefill, then sample one token per row per step; yields the state after every step."""
-    device = next(model.parameters()).device
-    k = num_samples
-    row_params = [p for p in params for _ in range(k)]
-    n_new = max(p.max_new_tokens for p in row_params)
-    ids, valid = _left_pad(prompts, pad_id, max(len(p) for p in prompts) + n_new)
-    width = ids.shape[1]
-    ids, valid = ids.to(device), valid.to(device)
-    positions = (valid.cumsum(1) - 1).clamp_min(0)
-    fast = uses_fast_path(model)
-    dtype = model.dtype
+def _prefill(model: Any, prompts: list[list[int]], pad_id: int, total: int, num_samples: int
+             ) -> tuple[Cache, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run every distinct prompt once, then repeat its cache for the samples.
 
-    # 1. Prefill every distinct prompt once; keep only the last position's logits.
+    Returns (cache, last-position logits, position ids, per-step mask), the last three with one row
+    per sample.
+    """
+    device, dtype, fast = next(model.parameters()).device, model.dtype, uses_fast_path(model)
+    ids, valid = _left_pad(prompts, pad_id, total)
+    ids, valid, width = ids.to(device), valid.to(device), ids.shape[1]
+    positions = (valid.cumsum(1) - 1).clamp_min(0)
     if fast:
-        cache: Cache = Cache(layer_class_to_replicate=functools.partial(_PreallocatedLayer, valid.shape[1]))
+        cache: Cache = Cache(layer_class_to_replicate=functools.partial(_PreallocatedLayer, total))
         causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
         allowed = causal[None] & valid[:, None, :width]
         allowed |= torch.eye(width, dtype=torch.bool, device=device)[None]  # pad rows: no all-masked row
-        prefill_mask = _additive(allowed, dtype)[:, None]
+        mask = _additive(allowed, dtype)[:, None]
     else:
         cache = DynamicCache(config=model.config)
-        prefill_mask = valid[:, :width].long()
-    out = model(input_ids=ids, attention_mask=prefill_mask, position_ids=positions[:, :width],
+        mask = valid[:, :width].long()
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions[:, :width],
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1].float()
-
-    # 2. Repeat the prefilled cache for K samples per prompt.
-    if k > 1:
-        cache.batch_repeat_interleave(k)
-        logits, valid, positions = (t.repeat_interleave(k, dim=0) for t in (logits, valid, positions))
+    if num_samples > 1:
+        cache.batch_repeat_interleave(num_samples)
+        logits, valid, positions = (t.repeat_interleave(num_samples, dim=0) for t in (logits, valid, positions))
     step_mask = _additive(valid, dtype)[:, None, None, :] if fast else valid.long()
+    return cache, logits, positions, step_mask
 
-    # 3. Per-row sampling settings as tensors; filters only if some row uses them.
-    rows = len(row_params)
-    temperature = torch.tensor([p.temperature for p in row_params], device=device)
-    top_k = torch.tensor([p.top_k for p in row_params], device=device)
-    top_p = torch.tensor([p.top_p for p in row_params], device=device)
-    use_k, use_p = bool((top_k > 0).any()), bool((top_p < 1).any())
-    if all(p.temperature == 0 for p in row_params):
-        mode = "greedy"
-    elif all(p.temperature == 1 for p in row_params) and not (use_k or use_p):
-        mode = "plain"
-    else:
-        mode = "mixed"
-    max_new = torch.tensor([p.max_new_tokens for p in row_params], device=device)
-    uniforms = _row_uniforms(row_params, _row_seeds(params, k), n_new).to(device)
-    stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
 
-    state = _State(
-        tokens=torch.full((rows, n_new), pad_id, dtype=torch.long, device=device),
-        logprobs=torch.zeros(rows, n_new, device=device),
-        lengths=torch.zeros(rows, dtype=torch.long, device=device),
-        done=torch.zeros(rows, dtype=torch.bool, device=device),
-        stopped=torch.zeros(rows, dtype=torch.bool, device=device),
-        trackers=[_TextTracker(tokenizer, p.stop) if (p.stop or track_all) else None for p in row_params],
+def _init_rows(row_params: list[SamplingParams], seeds: list[int], n_new: int, pad_id: int,
+               positions: torch.Tensor, step_mask: torch.Tensor) -> _Rows:
+    device, r = positions.device, len(row_params)
+
+    def col(name: str) -> torch.Tensor:
+        return torch.tensor([getattr(p, name) for p in row_params], device=device)
+
+    return _Rows(
+        ids=torch.arange(r, device=device),
+        tokens=torch.full((r, n_new), pad_id, dtype=torch.long, device=device),
+        logprobs=torch.zeros(r, n_new, device=device),
+        lengths=torch.zeros(r, dtype=torch.long, device=device),
+        done=torch.zeros(r, dtype=torch.bool, device=device),
+        stopped=torch.zeros(r, dtype=torch.bool, device=device),
+        temperature=col("temperature").float(), top_k=col("top_k"), top_p=col("top_p").float(),
+        max_new=col("max_new_tokens"), uniforms=_row_uniforms(row_params, seeds, n_new).to(device),
+        positions=positions, step_mask=step_mask,
     )
-    any_tracker = any(t is not None for t in state.trackers)
 
-    # 4. Decode: sample, record, stop checks, then one forward step for all rows.
+
+def _sampling_mode(row_params: list[SamplingParams]) -> tuple[str, bool, bool]:
+    """("greedy" | "plain" | "mixed", any top-k, any top-p): decided once, so no per-step checks."""
+    use_k, use_p = any(p.top_k > 0 for p in row_params), any(p.top_p < 1 for p in row_params)
+    if all(p.temperature == 0 for p in row_params):
+        return "greedy", use_k, use_p
+    if all(p.temperature == 1 for p in row_params) and not (use_k or use_p):
+        return "plain", use_k, use_p
+    return "mixed", use_k, use_p
+
+
+def _decode_steps(model: Any, prompts: list[list[int]], params: list[SamplingParams], stop_token_ids: list[int],
+                  pad_id: int, tokenizer: Any, num_samples: int, track_all: bool) -> Iterator[_State]:
+    """Prefill, then sample one token per row per step; yields the state after every step.
+
+    When at least half of the rows in the batch have finished, they are retired into
+    `state.finished` and dropped from the batch and the KV cache, so long replies do not keep
+    paying for short ones. After the last step every row is in `state.finished`.
+    """
+    row_params = [p for p in params for _ in range(num_samples)]
+    n_new = max(p.max_new_tokens for p in row_params)
+    width = max(len(p) for p in prompts)
+    cache, logits, positions, step_mask = _prefill(model, prompts, pad_id, width + n_new, num_samples)
+    fast = step_mask.dim() == 4
+    rows = _init_rows(row_params, _row_seeds(params, num_samples), n_new, pad_id, positions, step_mask)
+    mode, use_k, use_p = _sampling_mode(row_params)
+    stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=logits.device)
+    trackers = [_TextTracker(tokenizer, p.stop) if (p.stop or track_all) else None for p in row_params]
+    state = _State(rows=rows, trackers=trackers)
+    any_tracker = any(t is not None for t in trackers)
+
     for step in range(n_new):
-        tok, logprob = _next_tokens(logits, temperature, uniforms[:, step], top_k if use_k else None,
-                                    top_p if use_p else None, mode)
-        active = ~state.done
-        tok = tok.masked_fill(state.done, pad_id)  # finished rows keep feeding pad, ignored
-        state.tokens[:, step] = tok
-        state.logprobs[:, step] = logprob.masked_fill(state.done, 0.0)
-        state.lengths += active.long()
+        rows = state.rows
+        tok, logprob = _next_tokens(logits, rows.temperature, rows.uniforms[:, step],
+                                    rows.top_k if use_k else None, rows.top_p if use_p else None, mode)
+        active = ~rows.done
+        tok = tok.masked_fill(rows.done, pad_id)  # finished rows keep feeding pad, ignored
+        rows.tokens[:, step] = tok
+        rows.logprobs[:, step] = logprob.masked_fill(rows.done, 0.0)
+        rows.lengths += active.long()
         hit = torch.isin(tok, stop_ids) & active
         if any_tracker:
-            _push_text(state, tok.tolist(), active.tolist(), hit)
-        state.stopped |= hit
-        state.done |= hit | (state.lengths >= max_new)
+            _push_text(state.trackers, tok.tolist(), active.tolist(), hit)
+        rows.stopped |= hit
+        rows.done |= hit | (rows.lengths >= rows.max_new)
         yield state
-        if step == n_new - 1 or bool(state.done.all()):
+        n_done = int(rows.done.sum())  # the one host sync per step
+        if step == n_new - 1 or n_done == len(rows.done):
             break
+        if 2 * n_done >= len(rows.done):
+            keep = _retire(state, rows.done)
+            cache.batch_select_indices(keep)
+            tok, rows = tok[keep], state.rows
         t = width + step
-        mask = step_mask[..., : t + 1] if fast else step_mask[:, : t + 1]
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=positions[:, t : t + 1],
+        mask = rows.step_mask[..., : t + 1] if fast else rows.step_mask[:, : t + 1]
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=rows.positions[:, t : t + 1],
                     past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1].float()
+    _retire(state, torch.ones_like(state.rows.done))
 
 
-def _push_text(state: _State, toks: list[int], active: list[bool], hit: torch.Tensor) -> None:
+def _push_text(trackers: list[_TextTracker | None], toks: list[int], active: list[bool], hit: torch.Tensor) -> None:
     """Feed this step's tokens to the rows' text trackers; mark rows whose stop string completed."""
     hit_rows = hit.tolist()
-    for r, tracker in enumerate(state.trackers):
+    for r, tracker in enumerate(trackers):
         if tracker is None or not active[r] or hit_rows[r]:
             continue  # stop-id tokens are not text
         if tracker.push(toks[r]):
@@ -475,53 +546,64 @@ def _as_param_list(params: SamplingParams | list[SamplingParams], n: int) -> lis
     return list(params)
 
 
-def _finish(state: _State, prompts: list[list[int]], num_samples: int, tokenizer: Any) -> list[list[Generation]]:
-    tokens, logprobs = state.tokens.tolist(), state.logprobs.tolist()
-    lengths, stopped = state.lengths.tolist(), state.stopped.tolist()
-    results: list[list[Generation]] = []
-    for i, prompt in enumerate(prompts):
-        group = []
-        for r in range(i * num_samples, (i + 1) * num_samples):
-            ids, n = tokens[r][: lengths[r]], lengths[r]
-            tracker = state.trackers[r]
-            if tracker is not None and tracker.matched:
-                text = tracker.text
-            elif tokenizer is not None:
-                body = ids[:-1] if stopped[r] else ids  # the stop token is not part of the text
-                text = tokenizer.decode(body, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            else:
-                text = None
-            group.append(Generation(prompt_ids=list(prompt), token_ids=ids, logprobs=logprobs[r][:n], text=text,
-                                    finish_reason="stop" if stopped[r] else "length"))
-        results.append(group)
-    return results
+def _to_generation(reply: _Reply, prompt: list[int], tokenizer: Any) -> Generation:
+    if reply.tracker is not None and reply.tracker.matched:
+        text: str | None = reply.tracker.text
+    elif tokenizer is not None:
+        body = reply.token_ids[:-1] if reply.stopped else reply.token_ids  # the stop token is not text
+        text = tokenizer.decode(body, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    else:
+        text = None
+    return Generation(prompt_ids=list(prompt), token_ids=reply.token_ids, logprobs=reply.logprobs, text=text,
+                      finish_reason="stop" if reply.stopped else "length")
 
 
 @torch.inference_mode()
 def generate(model: Any, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], *,
-             stop_token_ids: list[int], pad_id: int, tokenizer: Any = None,
-             num_samples: int = 1) -> list[list[Generation]]:
-    """Generate `num_samples` replies for each prompt (token ids) in one batch.
+             stop_token_ids: list[int], pad_id: int, tokenizer: Any = None, num_samples: int = 1,
+             batch_size: int | None = None) -> list[list[Generation]]:
+    """Generate `num_samples` replies for each prompt (token ids).
 
     `params` is one SamplingParams for all prompts or one per prompt. Returns, per prompt, a list of
     `num_samples` Generations. Sample j of a prompt with seed s uses seed s + j, so it equals a
     num_samples=1 call with seed s + j. `text` is filled only when `tokenizer` is given (needed
-    for stop strings).
+    for stop strings). `batch_size` caps the prompts run together (the KV cache for prompt +
+    max_new_tokens is allocated up front); prompts are grouped by length to save padding, and
+    because every row has its own seed the results do not depend on the grouping.
     """
     if num_samples < 1:
         raise UserError(f"num_samples must be >= 1, got {num_samples}")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
     if not prompts:
         return []
     plist = _as_param_list(params, len(prompts))
     _check_inputs(model, prompts, plist, tokenizer)
+    if batch_size is not None and len(prompts) > batch_size:
+        plist = _fix_seeds(plist)  # a seed drawn per chunk would differ from one drawn per prompt
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        results: list[list[Generation]] = [[] for _ in prompts]
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            out = generate(model, [prompts[i] for i in idx], [plist[i] for i in idx], stop_token_ids=stop_token_ids,
+                           pad_id=pad_id, tokenizer=tokenizer, num_samples=num_samples)
+            for i, group in zip(idx, out, strict=True):
+                results[i] = group
+        return results
     was_training = model.training
     model.eval()
     try:
         steps = _decode_steps(model, prompts, plist, stop_token_ids, pad_id, tokenizer, num_samples, False)
         final = deque(steps, maxlen=1).pop()  # run the loop to the end, keep the last state
-        return _finish(final, prompts, num_samples, tokenizer)
     finally:
         model.train(was_training)
+    k = num_samples
+    return [[_to_generation(final.finished[i * k + j], p, tokenizer) for j in range(k)]
+            for i, p in enumerate(prompts)]
+
+
+def _fix_seeds(params: list[SamplingParams]) -> list[SamplingParams]:
+    return [p if p.seed is not None else replace(p, seed=int(torch.randint(0, 2**62, ()).item())) for p in params]
 
 
 @torch.inference_mode()
@@ -533,26 +615,24 @@ def stream(model: Any, prompt_ids: list[int], params: SamplingParams, *, stop_to
     concatenated deltas equal `generate(...)`'s text for the same params and seed. The generator's
     return value (`StopIteration.value`, or `final = yield from stream(...)`) is the Generation.
     """
-    plist = [params]
-    _check_inputs(model, [prompt_ids], plist, tokenizer)
+    _check_inputs(model, [prompt_ids], [params], tokenizer)
     pad = pad_id if pad_id is not None else (tokenizer.pad_token_id or 0)
     was_training = model.training
     model.eval()
     try:
         state = None
-        for state in _decode_steps(model, [prompt_ids], plist, stop_token_ids, pad, tokenizer, 1, True):
-            tracker = state.trackers[0]
-            assert tracker is not None
-            if bool(state.done[0]):
-                tracker.finish()
-                break
-            delta = tracker.pop_delta()
-            if delta:
-                yield delta
-        assert state is not None and state.trackers[0] is not None
-        delta = state.trackers[0].pop_delta(final=True)
-        if delta:
-            yield delta
-        return _finish(state, [prompt_ids], 1, tokenizer)[0][0]
+        for state in _decode_steps(model, [prompt_ids], [params], stop_token_ids, pad, tokenizer, 1, True):
+            if state.trackers and not bool(state.rows.done[0]):
+                delta = state.trackers[0].pop_delta()
+                if delta:
+                    yield delta
     finally:
         model.train(was_training)
+    assert state is not None
+    reply = state.finished[0]
+    assert reply.tracker is not None
+    reply.tracker.finish()
+    delta = reply.tracker.pop_delta(final=True)
+    if delta:
+        yield delta
+    return _to_generation(reply, prompt_ids, tokenizer)

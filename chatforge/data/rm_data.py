@@ -24,7 +24,7 @@ forwarded once per pair it is in. Same loss, same weights, more compute; kept fo
 
 Too long for `seq_len`: the prompt is cut from the left by whole turns (a system message stays, the
 kept prompt always starts with a user turn), the same cut for every reply of a comparison, as little
-as the longest reply needs. A reply that does not fit even after the prompt's last user turn alone is
+as the longest reply that can fit at all needs. A reply that does not fit even after the prompt's last user turn alone is
 skipped; a comparison left with fewer than 2 replies or no pairs is skipped. Everything is counted.
 """
 
@@ -102,12 +102,9 @@ def load_comparisons(specs: list[str], aggregate: str = "none") -> list[Comparis
     if not cmps:
         raise UserError("no comparisons to train on (give --data CMP.jsonl or embedded:prefs/hh)")
     if aggregate != "none":
-        try:
-            from chatforge.data.aggregate import aggregate as aggregate_fn
-        except ImportError:
-            raise UserError(f"data.aggregate={aggregate} needs chatforge.data.aggregate, which this "
-                            "install does not have; use data.aggregate=none") from None
-        cmps = list(aggregate_fn(cmps, method=aggregate))
+        from chatforge.data.aggregate import aggregate as aggregate_fn
+
+        cmps = aggregate_fn(cmps, method=aggregate)
     return cmps
 
 
@@ -153,13 +150,18 @@ def render_replies(tok: Any, prompt: list[dict], replies: list[str], seq_len: in
     suffix = [len(ids) - p_len for ids in full]
     if max(len(ids) for ids in full) <= seq_len or len(cuts) == 1:
         return [ids if len(ids) <= seq_len else None for ids in full], 0
-    for n_dropped, cut in enumerate(cuts[1:], 1):
-        msgs = head + prompt[cut:]
-        p_len = len(render_for_completion(tok, msgs))
-        if p_len + max(suffix) <= seq_len or cut == cuts[-1]:
+    # cut only as far as the longest reply that can fit at all needs
+    p_min = len(render_for_completion(tok, head + prompt[cuts[-1]:]))
+    need = max((n for n in suffix if p_min + n <= seq_len), default=None)
+    if need is None:
+        return [None] * len(replies), len(cuts) - 1
+    for dropped in range(1, len(cuts)):  # drop the oldest user turns one at a time
+        msgs = head + prompt[cuts[dropped]:]
+        p_len = p_min if dropped == len(cuts) - 1 else len(render_for_completion(tok, msgs))
+        if p_len + need <= seq_len:
             break
     return [render_ids(tok, _with_reply(msgs, r)) if p_len + n <= seq_len else None
-            for r, n in zip(replies, suffix)], n_dropped
+            for r, n in zip(replies, suffix)], dropped
 
 
 def build_examples(tok: Any, cmps: list[Comparison], seq_len: int, margin_scale: float = 0.0,

@@ -174,7 +174,8 @@ def fit_normalisation(model: Any, examples: list[RMExample], pad_id: int, cfg: R
     bare.eval()
     raw = score_sequences(bare, seqs[info.rank::info.world_size], pad_id, cfg.train.batch_size * 4, info.device)
     bare.train()
-    t = all_reduce_sum(torch.tensor([sum(raw), sum(r * r for r in raw), len(raw)], dtype=torch.float64), info)
+    t = torch.tensor([sum(raw), sum(r * r for r in raw), len(raw)], dtype=torch.float64, device=info.device)
+    t = all_reduce_sum(t, info)
     s, ss, n = t.tolist()
     mean = s / max(1.0, n)
     std = math.sqrt(max(0.0, ss / max(1.0, n) - mean * mean))
@@ -277,7 +278,7 @@ def run(cfg: RMConfig, out: Path, resume: bool = True) -> dict:
                 d = r[b["better"]] - r[b["worse"]]
                 sums += torch.tensor([float(loss) * b["n_prompts"], b["n_prompts"], int((d > 0).sum()), d.numel()],
                                      dtype=torch.float64)
-            tot, n_prompts, correct, n_pairs = all_reduce_sum(sums, info).tolist()
+            tot, n_prompts, correct, n_pairs = all_reduce_sum(sums.to(info.device), info).tolist()  # nccl: on GPU
             res = {"val/loss": tot / max(1, n_prompts), "val/accuracy": correct / max(1, n_pairs)}
             last_val.update(res)
             return res
