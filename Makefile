@@ -11,7 +11,6 @@ $(PY):
 
 # torch first, in its own step: the pinned CPU wheel; a bare `torch` would pull a CUDA build.
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install --upgrade pip >/dev/null
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[dev]'
 	touch $(STAMP)
