@@ -92,7 +92,7 @@ def test_kwise_expansion_and_truncation(tiny_tokenizer):
     assert len(pairs) == 1 and st.skipped_too_long == 2
 
 
-@pytest.mark.parametrize("layout", ["pairs", "shared_prompt"])
+@pytest.mark.parametrize("layout", ["pairs", "packed"])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_batch_loss_equals_rl_loss_by_hand(tiny_tokenizer, tiny_model_factory, layout, loss_type):
     from chatforge.config import DPOLossConfig
@@ -122,8 +122,11 @@ def test_batch_loss_equals_rl_loss_by_hand(tiny_tokenizer, tiny_model_factory, l
     assert float(loss.detach()) == pytest.approx(float(expected.mean()), abs=1e-4)
     assert stats["rewards/margins"] == pytest.approx(float((chosen_r - rejected_r).mean()), abs=1e-4)
     assert stats["logps/chosen"] == pytest.approx(float(col(policy, "chosen").mean()), abs=1e-4)
-    assert n_tokens == (sum(p.tokens for p in pairs) if layout == "pairs"
-                        else sum(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs))
+    if layout == "pairs":  # TRL's layout: 2B rows, the prompt twice
+        assert batch["input_ids"].shape[0] == 2 * len(pairs) and n_tokens == sum(p.tokens for p in pairs)
+    else:  # prompt once (+1 copy of its last token per reply segment), several pairs per row
+        assert batch["input_ids"].shape[0] < len(pairs)
+        assert n_tokens == sum(len(p.prompt) + len(p.chosen) + len(p.rejected) + 1 for p in pairs)
     loss.backward()  # differentiable end to end, and no NaN from padded rows
     assert all(torch.isfinite(q.grad).all() for q in policy.parameters() if q.grad is not None)
 
@@ -204,7 +207,7 @@ def test_dpo_lora_exports_plain_model(dpo_setup, tmp_path):
     model_dir, data = dpo_setup
     cfg = load_config(DPOConfig, None, ["train.max_steps=3", "train.batch_size=8", "train.seq_len=64",
                                         "log.tensorboard=false", "lora.enabled=true", "lora.r=4",
-                                        "data.layout=shared_prompt", "loss.type=ipo"])
+                                        "data.layout=packed", "loss.type=ipo"])
     cfg.policy, cfg.data.paths = str(model_dir), [str(data)]
     res = dpo.run(cfg, tmp_path / "lora")
     assert res["steps"] == 3 and res["reference_logps"] == "computed"

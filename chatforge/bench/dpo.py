@@ -7,7 +7,7 @@ order (TRL's random sampler is replaced by a sequential one), fp32, AdamW, no gr
 and no bf16 on either side (TRL's defaults turn both on; we turn them off so both run the same math).
 
 Measured: wall time per optimizer step after warm-up, including collation, for
-- chatforge, data.layout=pairs (TRL's collator layout) and data.layout=shared_prompt;
+- chatforge, data.layout=pairs (TRL's collator layout) and data.layout=packed;
 - TRL with `precompute_ref_log_probs=False` (its default: a reference forward every step) and =True.
 Reference precompute time is reported separately for both (it is paid once per run).
 tokens/s counts real tokens in the TRL layout (prompt twice per pair), so it is proportional to pairs/s.
@@ -166,7 +166,7 @@ def run(quick: bool = False, depth: int = 4, batch: int = 8, seq_len: int = 256,
         root = Path(tmp)
         model_dir, tok, pairs = _setup(root, depth, vocab, seq_len, n * batch)
         steppers, extra = {}, {}
-        for layout in ("pairs", "shared_prompt"):
+        for layout in ("pairs", "packed"):
             steppers[f"chatforge_{layout}"], extra[f"chatforge_{layout}"] = _chatforge_stepper(
                 model_dir, pairs, tok.pad_token_id, batch, n, layout, device)
         if trl is not None:
@@ -190,7 +190,7 @@ def run(quick: bool = False, depth: int = 4, batch: int = 8, seq_len: int = 256,
                      "step_ms_median": round(1000 * statistics.median(ts), 1),
                      **{k: round(v, 3) for k, v in extra[name].items()}}
     res["chatforge_pairs"]["mfu_vs_fp32_peak"] = res["chatforge_pairs"]["tokens_per_sec"] * fpt / peak
-    for ours in ("pairs", "shared_prompt"):
+    for ours in ("pairs", "packed"):
         for peer in ("trl_precompute_false", "trl_precompute_true"):
             if peer in times:
                 mine = times[f"chatforge_{ours}"]

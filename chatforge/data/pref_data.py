@@ -10,15 +10,15 @@ Too long for `seq_len` (prompt + longer reply): the prompt is cut from the left 
 system message stays, the kept prompt starts with a user turn), as little as this pair needs. A
 pair whose replies do not fit even after the prompt's last user turn alone is skipped. Counted.
 
-Two batch layouts, same loss (the test checks they agree):
+Two batch layouts, same loss (the test checks both against a by-hand computation):
 
 - "pairs" (TRL's `DataCollatorForPreference`): rows [chosen_1..chosen_B, rejected_1..rejected_B],
   each prompt + reply. We pad on the left, so every reply ends at the last column and the forward
   asks the model for logits of the last R+1 columns only (`logits_to_keep`), never the prompt's.
-- "shared_prompt": one row per pair, [prompt | chosen | rejected], each region padded to its batch
-  maximum; a block mask lets rejected tokens see the prompt but not the chosen reply, and position
-  ids restart after the prompt, so each reply is scored exactly as if it followed the prompt alone.
-  The prompt is forwarded once instead of twice.
+- "packed": the prompt is forwarded once per pair and several pairs share a row with no padding
+  between them (TRL 1.16 has no working padding-free mode for DPO). Each reply segment starts with a
+  copy of the prompt's last token, so all scored logits sit at the right end of the row; a block mask
+  keeps pairs, and a pair's two replies, from seeing each other. See `collate_packed`.
 
 Reference log-probs (the sum over reply tokens under the starting policy) are computed once before
 training and kept on each pair (`ref_chosen`, `ref_rejected`); the stage also stores them in the
@@ -167,38 +167,82 @@ def collate_pairs(pairs: list[PrefPair], pad_id: int) -> dict[str, Any]:
             "n_tokens": sum(len(s) for s in seqs), **_ref_tensors(pairs)}
 
 
-def collate_shared_prompt(pairs: list[PrefPair], pad_id: int) -> dict[str, Any]:
-    """One row per pair: [prompt (right-aligned) | chosen | rejected] with a [B, 1, T, T] block-causal mask."""
-    A = max(len(p.prompt) for p in pairs)
-    C = max(len(p.chosen) for p in pairs)
-    R = max(len(p.rejected) for p in pairs)
-    B, T = len(pairs), A + C + R
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    pos = torch.zeros((B, T), dtype=torch.long)
-    seg = torch.zeros((B, T), dtype=torch.long)  # 0 pad, 1 prompt, 2 chosen, 3 rejected
-    labels_c = torch.full((B, C), IGNORE_INDEX, dtype=torch.long)
-    labels_r = torch.full((B, R), IGNORE_INDEX, dtype=torch.long)
-    for b, p in enumerate(pairs):
-        n, c, r = len(p.prompt), len(p.chosen), len(p.rejected)
-        for start, toks, s, first_pos in ((A - n, p.prompt, 1, 0), (A, p.chosen, 2, n), (A + C, p.rejected, 3, n)):
-            ids[b, start: start + len(toks)] = torch.tensor(toks)
-            pos[b, start: start + len(toks)] = torch.arange(first_pos, first_pos + len(toks))
-            seg[b, start: start + len(toks)] = s
-        labels_c[b, :c] = torch.tensor(p.chosen)
-        labels_r[b, :r] = torch.tensor(p.rejected)
+def _pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: pair indices per row, each row's total length <= capacity."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        slot = next((r for r, f in enumerate(free) if f >= lengths[i]), None)
+        if slot is None:
+            rows.append([])
+            free.append(capacity)
+            slot = len(rows) - 1
+        rows[slot].append(i)
+        free[slot] -= lengths[i]
+    return rows
+
+
+def collate_packed(pairs: list[PrefPair], pad_id: int) -> dict[str, Any]:
+    """Prompt once per pair, several pairs per row, no padding between them.
+
+    A row holds, for each of its pairs, the prompt body (all prompt tokens but the last) on the left and,
+    on the right, two reply segments [last prompt token, chosen...] and [last prompt token, rejected...];
+    rows are left-padded so every row's reply region ends at the last column and only those columns need
+    logits. A [rows, 1, T, T] mask lets a token see its own pair's prompt body and the earlier tokens of
+    its own segment; position ids continue from the prompt in both segments. `gather` maps the kept
+    logits to a [2B, R] grid (chosen rows, then rejected rows) for `sequence_logps`.
+    """
+    B = len(pairs)
+    lengths = [len(p.prompt) + len(p.chosen) + len(p.rejected) + 1 for p in pairs]
+    capacity = 2 * max(len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs)
+    rows = _pack_rows(lengths, capacity)
+    T = max(sum(lengths[i] for i in row) for row in rows)
+    W = max(sum(len(pairs[i].chosen) + len(pairs[i].rejected) + 2 for i in row) for row in rows)
+    R = max(max(len(p.chosen), len(p.rejected)) for p in pairs)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), T), dtype=torch.long)
+    owner = torch.zeros((len(rows), T), dtype=torch.long)  # pair index + 1 (0 = pad)
+    seg = torch.zeros((len(rows), T), dtype=torch.long)  # 1 prompt body, 2 chosen segment, 3 rejected segment
+    labels = torch.full((len(rows), W), IGNORE_INDEX, dtype=torch.long)
+    gather_row = torch.zeros((2 * B, R), dtype=torch.long)
+    gather_col = torch.zeros((2 * B, R), dtype=torch.long)
+    for r, row in enumerate(rows):
+        n_body = sum(len(pairs[i].prompt) - 1 for i in row)
+        col = T - sum(lengths[i] for i in row)
+        reply_col = col + n_body
+        for i in row:
+            p = pairs[i]
+            body = p.prompt[:-1]
+            ids[r, col: col + len(body)] = torch.tensor(body, dtype=torch.long)
+            pos[r, col: col + len(body)] = torch.arange(len(body))
+            owner[r, col: col + len(body)], seg[r, col: col + len(body)] = i + 1, 1
+            col += len(body)
+            for s, reply, out_row in ((2, p.chosen, i), (3, p.rejected, B + i)):
+                toks = [p.prompt[-1]] + reply
+                ids[r, reply_col: reply_col + len(toks)] = torch.tensor(toks, dtype=torch.long)
+                pos[r, reply_col: reply_col + len(toks)] = torch.arange(len(body), len(body) + len(toks))
+                owner[r, reply_col: reply_col + len(toks)], seg[r, reply_col: reply_col + len(toks)] = i + 1, s
+                # the logit at column c scores the token at c + 1 (same segment); kept columns start at T - W
+                k = reply_col - (T - W)
+                labels[r, k: k + len(reply)] = torch.tensor(reply, dtype=torch.long)
+                gather_row[out_row, : len(reply)] = r
+                gather_col[out_row, : len(reply)] = torch.arange(k, k + len(reply))
+                reply_col += len(toks)
+    same = owner[:, :, None] == owner[:, None, :]
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
-    sq, sk = seg[:, :, None], seg[:, None, :]
-    visible = causal[None] & (sq > 0) & ((sk == 1) | (sk == sq))
-    # padded query rows would attend to nothing (NaN in softmax): let them see themselves
-    visible = (visible | torch.eye(T, dtype=torch.bool)[None])[:, None]
-    return {"layout": "shared_prompt", "input_ids": ids, "attention_mask": visible, "position_ids": pos,
-            "labels_chosen": labels_c, "labels_rejected": labels_r, "prompt_width": A,
-            "n_tokens": int((seg > 0).sum()), **_ref_tensors(pairs)}
+    sk, sq = seg[:, None, :], seg[:, :, None]
+    visible = causal[None] & same & (owner[:, :, None] > 0) & ((sk == 1) | (sk == sq))
+    visible = (visible | torch.eye(T, dtype=torch.bool)[None])[:, None]  # pad rows see themselves (no NaN)
+    reply_len = torch.tensor([len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs])
+    valid = torch.arange(R)[None, :] < reply_len[:, None]
+    return {"layout": "packed", "input_ids": ids, "attention_mask": visible, "position_ids": pos, "labels": labels,
+            "gather_row": gather_row, "gather_col": gather_col, "gather_valid": valid,
+            "n_tokens": sum(lengths), **_ref_tensors(pairs)}
 
 
 COLLATE: dict[str, Callable[[list[PrefPair], int], dict[str, Any]]] = {
     "pairs": collate_pairs,
-    "shared_prompt": collate_shared_prompt,
+    "packed": collate_packed,
 }
 
 
@@ -223,23 +267,18 @@ def _logps_pairs(model: Any, batch: dict[str, Any], average: bool) -> tuple[torc
     return seq.chunk(2)
 
 
-def _logps_shared_prompt(model: Any, batch: dict[str, Any], average: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    lc, lr = batch["labels_chosen"], batch["labels_rejected"]
-    C, A = lc.shape[1], batch["prompt_width"]
-    # keep columns A-1 .. T-2: the last prompt column predicts the first token of *both* replies
+def _logps_packed(model: Any, batch: dict[str, Any], average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = batch["labels"]
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=batch["input_ids"].shape[1] - A + 1,
-                use_cache=False)
-    logits = out.logits[:, :-1]
-    chosen = logprobs_from_logits(logits[:, :C], lc)
-    rejected = logprobs_from_logits(torch.cat([logits[:, :1], logits[:, C + 1:]], dim=1), lr)
-    return (sequence_logps(chosen, lc != IGNORE_INDEX, average),
-            sequence_logps(rejected, lr != IGNORE_INDEX, average))
+                position_ids=batch["position_ids"], logits_to_keep=labels.shape[1], use_cache=False)
+    grid = logprobs_from_logits(out.logits, labels)  # labels are already aligned with the kept logits
+    logps = grid[batch["gather_row"], batch["gather_col"]]  # [2B, R]: chosen rows, then rejected rows
+    return sequence_logps(logps, batch["gather_valid"], average).chunk(2)
 
 
 LOGPS: dict[str, Callable[[Any, dict[str, Any], bool], tuple[torch.Tensor, torch.Tensor]]] = {
     "pairs": _logps_pairs,
-    "shared_prompt": _logps_shared_prompt,
+    "packed": _logps_packed,
 }
 
 

@@ -19,7 +19,7 @@ model is kept in memory. Dropout is switched off (as TRL does) so the policy and
 a sequence the same way at step 0.
 
 Batches follow TRL's collator (chosen half, rejected half, one forward pass) unless
-data.layout=shared_prompt (one row per pair, prompt forwarded once); see data/pref_data.py, which
+data.layout=packed (prompt forwarded once, pairs packed without padding); see data/pref_data.py, which
 also has the truncation policy. The loop (resume, eval, checkpoints, metrics) is core/train.py's.
 Metrics use TRL's names: train/loss, rewards/{chosen,rejected,accuracies,margins},
 logps/{chosen,rejected}; with a held-out split val/loss, val/rewards/accuracies, ...
@@ -218,6 +218,10 @@ def run(cfg: DPOConfig, out: Path, resume: bool = True) -> dict:
         loader = PairLoader(train_pairs, cfg.train.batch_size, pad, cfg.train.seed, info.rank, info.world_size,
                             info.device, cfg.data.layout)
 
+        data_hash = hashlib.sha256(json.dumps([c.to_dict() for c in cmps], sort_keys=True).encode()).hexdigest()
+        run_ = Run(out, "dpo", cfg, info, parent=parent_run_id(src))  # refuses another stage's dir; writes nothing
+        run_.inputs = {"data": {"specs": cfg.data.paths, "sha256": data_hash}, "policy": {"path": str(src)}}
+
         # ---------------------------------------------------------------- reference, model and optimizer
         disable_dropout(model)
         model.to(info.device)
@@ -268,9 +272,6 @@ def run(cfg: DPOConfig, out: Path, resume: bool = True) -> dict:
             last_val.update(res)
             return res
 
-        data_hash = hashlib.sha256(json.dumps([c.to_dict() for c in cmps], sort_keys=True).encode()).hexdigest()
-        run_ = Run(out, "dpo", cfg, info, parent=parent_run_id(src))
-        run_.inputs = {"data": {"specs": cfg.data.paths, "sha256": data_hash}, "policy": {"path": str(src)}}
         fingerprint = {"policy": str(src), "data_sha256": data_hash[:16], "pairs": len(train_pairs),
                        "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
                        "world_size": info.world_size, "lora": cfg.lora.enabled, "layout": cfg.data.layout,
