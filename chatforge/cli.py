@@ -316,6 +316,17 @@ def dpo(
 
 
 @app.command()
+def loop(
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+) -> None:
+    """Rounds of sample → rank → reward model → PPO/DPO/GRPO → eval → register (resumable)."""
+    from chatforge.stages import loop as stage
+
+    stage.run(stage.load_loop_config(config, set_))
+
+
+@app.command()
 def bench(
     stage: str = typer.Argument(..., help="pretrain | generate"),
     out: Path = typer.Option(None, "--out", "-o", help="Write the JSON result here."),

@@ -1,0 +1,240 @@
+"""`chatforge loop`: rounds of sample → rank → reward model → PPO/DPO/GRPO → eval → register.
+
+    chatforge loop --config loop.yaml
+    chatforge loop --set sft=runs/sft --set rounds=2 --set out=runs/loop
+
+Each round r lives in OUT/round-r/:
+  tasks.jsonl         K replies per fresh prompt from the current policy (resumable)
+  comparisons.jsonl   rankings: a simulated panel, or a file exported from the feedback app
+                      (`labels_dir/round-r.jsonl`); when it is not there yet the loop waits or stops
+  rm/                 reward model trained on every round's comparisons so far (continuing the last RM)
+  policy/             PPO (or DPO/GRPO) from the current policy, KL-anchored to the SFT model
+  eval.json           the new policy vs the previous one and vs SFT (task accuracy, judged win rate)
+Every step is skipped when its output is complete and resumed when it is not, so a killed loop
+re-run with the same config continues where it was (inside stages too: they resume checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from chatforge.config import load_config, to_dict
+from chatforge.core.io import UserError, write_json
+from chatforge.core.log import console, print0
+from chatforge.core.run import read_manifest
+
+
+@dataclass
+class LoopConfig:
+    sft: str | None = None
+    """The SFT run: the first round's policy and every round's KL reference."""
+    out: str = "runs/loop"
+    rounds: int = 2
+    prompts: str = "tasks:8"
+    """Fresh prompts per round: a JSONL path, or tasks:N (the round number is used as the draw seed)."""
+    k: int = 4
+    sample_max_new_tokens: int = 32
+    sample_temperature: float = 1.0
+    labeler: str = "panel:rule*5:temperature=0.5"
+    per_task: int = 0
+    """Panel labelers per task (0 = every labeler ranks every task)."""
+    labels_dir: str | None = None
+    """Use people's rankings instead of a simulated panel: expects labels_dir/round-N.jsonl."""
+    wait_for_labels: Literal["stop", "wait"] = "stop"
+    wait_seconds: int = 3600
+    algo: Literal["ppo", "dpo", "grpo"] = "ppo"
+    rm_set: list[str] = field(default_factory=list)
+    """--set overrides for each round's reward model (e.g. train.max_steps=200)."""
+    algo_set: list[str] = field(default_factory=list)
+    """--set overrides for each round's PPO/DPO/GRPO run."""
+    algo_prompts: str = "tasks:16"
+    """Prompts for PPO/GRPO rollouts (tasks:N uses 100 + round as the draw seed)."""
+    eval_prompts: str = "tasks-heldout:10:1"
+    judge: str = "panel:rule*5:temperature=0.5"
+    eval_max_new_tokens: int = 32
+
+
+def _done(run_dir: Path) -> bool:
+    m = read_manifest(run_dir) if run_dir.exists() else None
+    return bool(m and m.get("status") == "completed")
+
+
+def _seeded(spec: str, seed: int) -> str:
+    """tasks:N -> tasks:N:SEED so every round draws fresh prompts; other specs unchanged."""
+    parts = spec.split(":")
+    if parts[0] in ("tasks", "tasks-heldout") and len(parts) == 2:
+        return f"{spec}:{seed}"
+    return spec
+
+
+def _labels(cfg: LoopConfig, r: int, tasks: Path, out: Path) -> None:
+    if out.exists():
+        return
+    if cfg.labels_dir:
+        src = Path(cfg.labels_dir) / f"round-{r}.jsonl"
+        deadline = time.time() + (cfg.wait_seconds if cfg.wait_for_labels == "wait" else 0)
+        while not src.exists():
+            if time.time() >= deadline:
+                raise UserError(f"round {r}: labels not ready ({src} missing). Rank {tasks} in the feedback app, "
+                                f"export to {src}, then re-run the loop (it resumes here)")
+            print0(f"waiting for {src} ...")
+            time.sleep(10)
+        from chatforge.data.formats import read_comparisons, write_jsonl_records
+
+        write_jsonl_records(out, read_comparisons(src))
+        return
+    from chatforge.stages.label import format_stats, label
+
+    console.print(format_stats(label(tasks, out, cfg.labeler, per_task=cfg.per_task, seed=r)))
+
+
+def _train_rm(cfg: LoopConfig, r: int, cmp_paths: list[Path], prev_rm: Path | None, out: Path) -> None:
+    if _done(out):
+        return
+    from chatforge.config import RMConfig
+    from chatforge.stages import rm
+
+    rcfg = load_config(RMConfig, None, cfg.rm_set)
+    rcfg.model = str(prev_rm / "model") if prev_rm else cfg.sft
+    rcfg.data.paths = [str(p) for p in cmp_paths]
+    rm.run(rcfg, out)
+
+
+def _train_policy(cfg: LoopConfig, r: int, policy: str, rm_dir: Path, cmp_paths: list[Path], out: Path) -> None:
+    if _done(out):
+        return
+    import importlib
+
+    from chatforge import config as config_mod
+
+    cls = {"ppo": "PPOConfig", "dpo": "DPOConfig", "grpo": "GRPOConfig"}[cfg.algo]
+    acfg = load_config(getattr(config_mod, cls), None, cfg.algo_set)
+    acfg.policy = policy
+    if cfg.algo == "dpo":
+        acfg.data.paths = [str(p) for p in cmp_paths]
+    else:
+        acfg.reward = str(rm_dir)
+        acfg.prompts = _seeded(cfg.algo_prompts, 100 + r)
+        acfg.reference = cfg.sft
+    importlib.import_module(f"chatforge.stages.{cfg.algo}").run(acfg, out)
+
+
+def judged_outcomes(prompts: list[dict], replies_m: list[str], replies_b: list[str], judge: str,
+                    seed: int = 0) -> list[float]:
+    """Per prompt: 1 if the judge panel prefers M's reply, 0 if B's, 0.5 for a tie (majority vote)."""
+    from chatforge.stages.label import parse_labeler_spec
+
+    labelers = parse_labeler_spec(judge, seed=seed)
+    out = []
+    for i, (p, a, b) in enumerate(zip(prompts, replies_m, replies_b)):
+        task = {"task_id": f"eval-{i}-{p.get('id', i)}", "prompt": {"messages": p["messages"]},
+                "meta": p.get("meta", {}), "responses": [{"response_id": "m", "content": a},
+                                                         {"response_id": "b", "content": b}]}
+        votes = []
+        for lab in labelers:
+            ranking = lab.rank(task)
+            votes.append(0.5 if len(ranking) == 1 else (1.0 if "m" in ranking[0] else 0.0))
+        mean = sum(votes) / len(votes)
+        out.append(1.0 if mean > 0.5 else 0.0 if mean < 0.5 else 0.5)
+    return out
+
+
+def compare_models(model_m: str, model_b: str, prompts: list[dict], judge: str, max_new_tokens: int = 32,
+                   cache: dict | None = None) -> dict:
+    """Held-out task accuracy of both, and M's win rate over B judged by `judge` (95 % intervals)."""
+    from chatforge.core.model import load_model_and_tokenizer
+    from chatforge.evals.stats import length_controlled_win_rate, win_rate
+    from chatforge.stages.evaluate import generate_replies, task_accuracy
+
+    cache = {} if cache is None else cache
+    replies = {}
+    for spec in (model_m, model_b):
+        if spec not in cache:
+            model, tok, _ = load_model_and_tokenizer(spec)
+            model.eval()
+            cache[spec] = generate_replies(model, tok, prompts, max_new_tokens=max_new_tokens)[0]
+        replies[spec] = cache[spec]
+    outcomes = judged_outcomes(prompts, replies[model_m], replies[model_b], judge)
+    wr = win_rate(outcomes)
+    lens_m = [len(x.split()) for x in replies[model_m]]
+    lens_b = [len(x.split()) for x in replies[model_b]]
+    return {"model": model_m, "baseline": model_b, "judge": judge, "win_rate": wr,
+            "length_controlled": length_controlled_win_rate(outcomes, lens_m, lens_b),
+            "accuracy_model": task_accuracy(prompts, replies[model_m]),
+            "accuracy_baseline": task_accuracy(prompts, replies[model_b])}
+
+
+def run(cfg: LoopConfig) -> dict:
+    if not cfg.sft:
+        raise UserError("loop needs the SFT run: --set sft=RUN_DIR (or `sft:` in the config file)")
+    from chatforge.core.model import resolve_model_path
+    from chatforge.stages import sample
+    from chatforge.stages.sample import load_prompts
+
+    resolve_model_path(cfg.sft)  # fail early on a missing model
+    if cfg.labels_dir and not Path(cfg.labels_dir).is_dir():
+        raise UserError(f"labels_dir {cfg.labels_dir} does not exist")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "loop_config.json", to_dict(cfg))
+    eval_prompts = load_prompts(cfg.eval_prompts)
+    policy, prev_rm = cfg.sft, None
+    cmp_paths: list[Path] = []
+    rounds, cache = [], {}
+    for r in range(1, cfg.rounds + 1):
+        rdir = out / f"round-{r}"
+        console.rule(f"[bold]round {r}/{cfg.rounds}")
+        tasks = rdir / "tasks.jsonl"
+        if not (rdir / "labels.done").exists():
+            sample.run(policy, _seeded(cfg.prompts, r), tasks,
+                       sample.SampleConfig(k=cfg.k, temperature=cfg.sample_temperature,
+                                           max_new_tokens=cfg.sample_max_new_tokens, seed=r))
+        cmp_path = rdir / "comparisons.jsonl"
+        _labels(cfg, r, tasks, cmp_path)
+        (rdir / "labels.done").touch()
+        cmp_paths.append(cmp_path)
+        rm_dir = rdir / "rm"
+        if cfg.algo != "dpo" or not _done(rm_dir):
+            _train_rm(cfg, r, cmp_paths, prev_rm, rm_dir)
+        pol_dir = rdir / "policy"
+        _train_policy(cfg, r, policy, rm_dir, cmp_paths, pol_dir)
+        eval_path = rdir / "eval.json"
+        if eval_path.exists():
+            res = json.loads(eval_path.read_text(encoding="utf-8"))
+        else:
+            res = {"round": r, "vs_previous": compare_models(str(pol_dir), policy, eval_prompts, cfg.judge,
+                                                             cfg.eval_max_new_tokens, cache),
+                   "vs_sft": compare_models(str(pol_dir), cfg.sft, eval_prompts, cfg.judge,
+                                            cfg.eval_max_new_tokens, cache),
+                   "policy_metrics": (read_manifest(pol_dir) or {}).get("metrics", {}),
+                   "previous_round": str(out / f"round-{r - 1}" / "eval.json") if r > 1 else None}
+            write_json(eval_path, res)
+        _register(rdir)
+        rounds.append(res)
+        policy, prev_rm = str(pol_dir), rm_dir
+        wr = res["vs_sft"]["win_rate"]
+        print0(f"round {r}: win rate vs SFT {wr['win_rate']:.2f} (95% CI {wr['ci_wilson'][0]:.2f}-"
+               f"{wr['ci_wilson'][1]:.2f}), accuracy {res['vs_sft']['accuracy_model']['all']['accuracy']:.3f} "
+               f"(SFT {res['vs_sft']['accuracy_baseline']['all']['accuracy']:.3f})")
+    summary = {"out": str(out), "rounds": rounds}
+    write_json(out / "loop_summary.json", summary)
+    return summary
+
+
+def _register(rdir: Path) -> None:
+    """Record the round's run dirs in the registry when that module is available."""
+    try:
+        from chatforge.core.registry import register
+    except ImportError:
+        return
+    for sub in ("rm", "policy"):
+        if (rdir / sub / "manifest.json").exists():
+            register(rdir / sub)
+
+
+def load_loop_config(path: Path | None, overrides: list[str] | None) -> Any:
+    return load_config(LoopConfig, path, overrides)
