@@ -210,7 +210,8 @@ def run(cfg: LoopConfig) -> dict:
                                                              cfg.eval_max_new_tokens, cache),
                    "vs_sft": compare_models(str(pol_dir), cfg.sft, eval_prompts, cfg.judge,
                                             cfg.eval_max_new_tokens, cache),
-                   "policy_metrics": (read_manifest(pol_dir) or {}).get("metrics", {}),
+                   "policy_metrics": {**(read_manifest(pol_dir) or {}).get("metrics", {}),
+                                      "final_kl": _final_kl(pol_dir)},
                    "previous_round": str(out / f"round-{r - 1}" / "eval.json") if r > 1 else None}
             write_json(eval_path, res)
         _register(rdir)
@@ -223,6 +224,14 @@ def run(cfg: LoopConfig) -> dict:
     summary = {"out": str(out), "rounds": rounds}
     write_json(out / "loop_summary.json", summary)
     return summary
+
+
+def _final_kl(run_dir: Path, last: int = 5) -> float | None:
+    """Mean `objective/kl` over the last iterations of a PPO/GRPO run (None for DPO)."""
+    from chatforge.core.tracking import read_metrics
+
+    kls = [r["objective/kl"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("objective/kl") is not None]
+    return sum(kls[-last:]) / len(kls[-last:]) if kls else None
 
 
 def _register(rdir: Path) -> None:
