@@ -305,7 +305,7 @@ def dpo(
     set_: list[str] = SetOpt,
     resume: bool = ResumeOpt,
 ) -> None:
-    """DPO (sigmoid; IPO via --set dpo.loss=ipo) on comparisons, K-wise rankings expanded to pairs."""
+    """DPO (sigmoid; IPO via --set loss.type=ipo) on comparisons, K-wise rankings expanded to pairs."""
     from chatforge.config import DPOConfig, load_config
     from chatforge.stages import dpo as stage
 
@@ -355,6 +355,85 @@ def demo(
     from chatforge.stages import demo as stage
 
     stage.run(out, quick=quick)
+
+
+registry_app = typer.Typer(no_args_is_help=True, help="Model versions with lineage.")
+app.add_typer(registry_app, name="registry")
+RegistryOpt = typer.Option(None, "--registry", help="registry.json (default: $CHATFORGE_REGISTRY or ./runs/registry.json).")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option(None, "--model", "-m", help="Model to evaluate (run dir, HF dir or name)."),
+    baseline: list[str] = typer.Option(None, "--baseline", "-b", help="Model to compare against (repeatable)."),
+    models: str = typer.Option(None, "--models", help="Comma-separated models: the first is evaluated, the rest are baselines."),
+    reward: str = typer.Option(None, "--reward", "-r", help="Reward model: scores replies, judges, RM accuracy."),
+    judge: str = typer.Option(None, "--judge", help="Labeler spec (rule, panel:rule*5:temperature=0.5, judge:base_url=...), rm or none."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Prepared data dir for held-out LM loss (default: from the lineage)."),
+    sft_data: str = typer.Option(None, "--sft-data", help="SFT validation conversations: tasks:N or a file."),
+    comparisons: list[str] = typer.Option(None, "--comparisons", help="Held-out comparisons for RM accuracy (repeatable)."),
+    prompts: str = typer.Option(None, "--prompts", "-p", help="tasks-heldout:N[:SEED] or a prompt JSONL."),
+    train_prompts: list[str] = typer.Option(None, "--train-prompts", help="Training prompts to check for overlap (repeatable)."),
+    bias: bool = typer.Option(None, "--bias/--no-bias", help="Run the bias probes (default on)."),
+    previous: str = typer.Option(None, "--previous", help="The previous round's report dir (linked and compared)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report dir: report.md, report.html, report.json, *.png."),
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+) -> None:
+    """Held-out loss, task accuracy, RM scores/accuracy, win rates with CIs, bias probes, curves: one report."""
+    from chatforge.config import load_config
+    from chatforge.stages.report import EvalConfig, run
+
+    cfg = load_config(EvalConfig, config, set_)
+    if models:
+        first, *rest = [m.strip() for m in models.split(",") if m.strip()]
+        cfg.model, cfg.baselines = first, rest + cfg.baselines
+    cfg.model = model or cfg.model
+    cfg.baselines = list(baseline) if baseline else cfg.baselines
+    for name, value in (("reward", reward), ("judge", judge), ("data_dir", data_dir), ("sft_data", sft_data),
+                        ("prompts", prompts), ("bias", bias), ("previous", previous)):
+        if value is not None:
+            setattr(cfg, name, value)
+    cfg.comparisons = list(comparisons) if comparisons else cfg.comparisons
+    cfg.train_prompts = list(train_prompts) if train_prompts else cfg.train_prompts
+    run(cfg, out)
+
+
+@registry_app.command("list")
+def registry_list(
+    registry: Path = RegistryOpt,
+    stage: str = typer.Option(None, "--stage", help="Only runs of this stage."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Registered runs: id, stage, parent, data hashes, key metrics, path."""
+    import json
+
+    from chatforge.core.log import console
+    from chatforge.core.registry import list_runs, registry_table
+
+    rows = list_runs(registry, stage=stage)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        console.print(registry_table(rows))
+
+
+@registry_app.command("show")
+def registry_show(
+    run_id: str = typer.Argument(..., help="Run id, unique prefix, or run dir."),
+    registry: Path = RegistryOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the lineage as JSON (newest first)."),
+) -> None:
+    """Which data and which models made this run: its lineage back to the corpus."""
+    import json
+
+    from chatforge.core.log import console
+    from chatforge.core.registry import lineage, lineage_tree
+
+    if as_json:
+        print(json.dumps(lineage(run_id, registry), indent=2))
+    else:
+        console.print(lineage_tree(run_id, registry))
 
 
 def main() -> None:

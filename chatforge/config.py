@@ -392,7 +392,7 @@ class DPODataConfig:
     """Held-out share of tasks, split by a hash of task_id (all pairs of one task stay together)."""
     aggregate: str = "none"
     """Several labelers on one task: `none` uses each record as is; another name (e.g. bradley_terry) merges them."""
-    layout: Literal["pairs", "packed"] = "pairs"
+    layout: Literal["pairs", "packed"] = "packed"
     """pairs: TRL's batch (chosen half, rejected half; the prompt is forwarded twice); packed: the prompt once
     per pair, several pairs per row with no padding, replies masked from each other (same loss, fewer tokens)."""
     ref_batch_size: int = 16

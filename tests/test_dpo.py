@@ -17,25 +17,6 @@ from chatforge.data.formats import Comparison
 from chatforge.data.pref_data import build_pairs, collate, compute_reference, policy_logps
 from chatforge.stages.dpo import dpo_loss, make_loss
 
-# `chatforge dpo` as the CLI will register it; registered here too until cli.py has it.
-DRIVER = r"""
-from pathlib import Path
-import typer
-from chatforge import cli
-if not any((c.name or c.callback.__name__) == "dpo" for c in cli.app.registered_commands):
-    @cli.app.command()
-    def dpo(policy: str = typer.Option(None, "--policy"), data: list[str] = typer.Option(None, "--data"),
-            out: Path = typer.Option(..., "--out"), config: Path = cli.ConfigOpt, set_: list[str] = cli.SetOpt,
-            resume: bool = cli.ResumeOpt) -> None:
-        from chatforge.config import DPOConfig, load_config
-        from chatforge.stages import dpo as stage
-        cfg = load_config(DPOConfig, config, set_)
-        cfg.policy = policy or cfg.policy
-        cfg.data.paths = list(data) if data else cfg.data.paths
-        stage.run(cfg, out, resume=resume)
-cli.main()
-"""
-
 THINGS = ["ball", "sun", "park", "girl", "day", "time", "play", "red"]
 
 
@@ -144,7 +125,7 @@ def _dpo_cmd(model_dir, data, out, steps, *extra):
     sets = [f"train.max_steps={steps}", "train.batch_size=8", "train.seq_len=64", "train.lr=3e-3",
             "train.checkpoint_every=6", "train.eval_every=12", "train.log_every=6", "train.warmup_steps=2",
             "data.val_fraction=0.2", "log.tensorboard=false", "train.threads=1", *extra]
-    return [sys.executable, "-c", DRIVER, "dpo", "--policy", str(model_dir), "--data", str(data),
+    return [sys.executable, "-m", "chatforge.cli", "dpo", "--policy", str(model_dir), "--data", str(data),
             "--out", str(out), *sum([["--set", s] for s in sets], [])]
 
 

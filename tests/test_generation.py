@@ -283,3 +283,11 @@ def test_batch_size_chunks_do_not_change_results(model, tok, prompts):
     whole = run(model, tok, prompts, params, num_samples=2)
     chunked = run(model, tok, prompts, params, num_samples=2, batch_size=1)
     assert [[g.token_ids for g in group] for group in whole] == [[g.token_ids for g in group] for group in chunked]
+
+
+def test_bench_generate_runs_both_engines():
+    from chatforge.bench.generate import run as bench_run
+
+    res = bench_run(quick=True, batch=2, new_tokens=8, threads=1)
+    assert res["new_tokens"] == 8 and res["batch"] == 2 and res["repeats"] == 1
+    assert res["hf_tokens_per_sec"] > 0 and res["chatforge_tokens_per_sec"] > 0 and res["speedup"] > 0

@@ -41,6 +41,18 @@ def parent_run_id(model_dir: Path) -> str | None:
     return None
 
 
+def _register_quietly(run_dir: Path) -> None:
+    """Record a finished run in the registry; a registry problem must never fail the run itself."""
+    try:
+        from chatforge.core.registry import register
+
+        register(run_dir)
+    except Exception as e:  # noqa: BLE001 - the model is saved; a bad registry file only costs a warning
+        from chatforge.core.log import warn
+
+        warn(f"could not register {run_dir} in the model registry: {e}")
+
+
 class Run:
     """Owns one run dir. Only rank 0 writes; other ranks get null sinks."""
 
@@ -89,6 +101,8 @@ class Run:
             "metrics": metrics or {},
             **(extra or {}),
         })
+        if status == "completed":
+            _register_quietly(self.dir)
 
     def close(self) -> None:
         self.sink.close()

@@ -38,6 +38,7 @@ import torch
 from chatforge.config import DPOConfig, DPOLossConfig, to_dict
 from chatforge.core.distributed import (
     DistInfo,
+    all_reduce_mean,
     barrier,
     broadcast_object,
     cleanup_distributed,
@@ -130,9 +131,14 @@ def attach_reference(model: torch.nn.Module, train: list[PrefPair], val: list[Pr
     cached = None
     path = out / REF_FILE
     if info.is_main and path.exists():
-        saved = torch.load(path, weights_only=True)
-        if saved.get("key") == key and saved["logps"].shape == (len(pairs), 2):
-            cached = saved["logps"].tolist()
+        try:
+            saved = torch.load(path, weights_only=True)
+        except Exception as e:  # unreadable cache: recompute rather than fail
+            warn(f"{path}: unreadable ({type(e).__name__}); recomputing the reference log-probs")
+            saved = {}
+        stored = saved.get("logps") if isinstance(saved, dict) else None
+        if isinstance(stored, torch.Tensor) and saved["key"] == key and stored.shape == (len(pairs), 2):
+            cached = stored.tolist()
     cached = broadcast_object(cached, info)
     if cached is None:
         print0(f"reference log-probs: {len(pairs)} pairs, one forward each (computed once, stored in {path})")
@@ -226,7 +232,10 @@ def run(cfg: DPOConfig, out: Path, resume: bool = True) -> dict:
         disable_dropout(model)
         model.to(info.device)
         ref_source = attach_reference(model, train_pairs, val_pairs, out, cfg, info, pad)
+        # every rank must hold val pairs, or the ranks that do would wait forever in the metric all-reduce
         my_val = val_pairs[info.rank::info.world_size][: cfg.train.eval_batches * cfg.train.batch_size]
+        if len(val_pairs) < info.world_size:
+            my_val = []
         val_batches = [collate(my_val[i: i + cfg.train.batch_size], pad, cfg.data.layout, info.device)
                        for i in range(0, len(my_val), cfg.train.batch_size)]
         if cfg.lora.enabled:
@@ -283,6 +292,7 @@ def run(cfg: DPOConfig, out: Path, resume: bool = True) -> dict:
         )
 
         # ---------------------------------------------------------------- save and summary
+        last_val = all_reduce_mean(last_val, info)  # eval_fn saw this rank's share only
         summary = {"steps": state.step, "tokens": state.tokens, "final_loss": state.ema_loss,
                    "best_val_loss": state.best_val, "val_loss": last_val.get("val/loss"),
                    "val_accuracy": last_val.get("val/rewards/accuracies"),

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,3 +47,47 @@ def task_accuracy(prompts: list[dict], replies: list[str]) -> dict[str, dict]:
     allv = [x for v in per.values() for x in v]
     out["all"] = {"accuracy": sum(allv) / max(1, len(allv)), "n": len(allv)}
     return out
+
+
+def make_loglik_fn(model: Any, tok: Any, batch_size: int = 16) -> Callable[[list[str]], list[float]]:
+    """Sum of token log-probs of each text after BOS (right-padded batches, no grad)."""
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ctx = model.config.max_position_embeddings
+
+    def loglik(texts: list[str]) -> list[float]:
+        out: list[float] = []
+        for i in range(0, len(texts), batch_size):
+            seqs = [(bos + tok.encode(t, add_special_tokens=False))[:ctx] for t in texts[i: i + batch_size]]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for r, s in enumerate(seqs):
+                ids[r, : len(s)] = torch.tensor(s)
+                mask[r, : len(s)] = 1
+            with torch.inference_mode():
+                logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            out += (lp * mask[:, 1:]).sum(1).tolist()
+        return out
+
+    return loglik
+
+
+def make_continue_fn(model: Any, tok: Any, max_new_tokens: int = 32) -> Callable[[list[str]], list[str]]:
+    """Greedy plain-text continuation (no chat template) with the engine, continuation only."""
+    from chatforge.core.generation import SamplingParams, generate
+    from chatforge.core.tokenizer import stop_token_ids
+
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    ctx = model.config.max_position_embeddings
+
+    def cont(prompts: list[str]) -> list[str]:
+        ids = [(bos + tok.encode(p, add_special_tokens=False))[-(ctx - max_new_tokens):] for p in prompts]
+        params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
+        with torch.inference_mode():
+            gens = generate(model, ids, params, stop_token_ids=stop_token_ids(tok), pad_id=tok.pad_token_id,
+                            tokenizer=tok)
+        return [g[0].text or "" for g in gens]
+
+    return cont

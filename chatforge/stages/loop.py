@@ -56,6 +56,9 @@ class LoopConfig:
     eval_prompts: str = "tasks-heldout:10:1"
     judge: str = "panel:rule*5:temperature=0.5"
     eval_max_new_tokens: int = 32
+    report: bool = True
+    """Write each round's full `chatforge eval` report (round-N/report/), linked to the previous one."""
+    report_bias: bool = True
 
 
 def _done(run_dir: Path) -> bool:
@@ -195,7 +198,7 @@ def run(cfg: LoopConfig) -> dict:
                                            max_new_tokens=cfg.sample_max_new_tokens, seed=r))
         cmp_path = rdir / "comparisons.jsonl"
         _labels(cfg, r, tasks, cmp_path)
-        (rdir / "labels.done").touch()
+        (rdir / "labels.done").touch(exist_ok=True) if not (rdir / "labels.done").exists() else None
         cmp_paths.append(cmp_path)
         rm_dir = rdir / "rm"
         if cfg.algo != "dpo" or not _done(rm_dir):
@@ -214,6 +217,17 @@ def run(cfg: LoopConfig) -> dict:
                                       "final_kl": _final_kl(pol_dir)},
                    "previous_round": str(out / f"round-{r - 1}" / "eval.json") if r > 1 else None}
             write_json(eval_path, res)
+        report_dir = rdir / "report"
+        if cfg.report and not (report_dir / "report.json").exists():
+            from chatforge.stages.report import EvalConfig
+            from chatforge.stages.report import run as run_report
+
+            prev = out / f"round-{r - 1}" / "report"
+            run_report(EvalConfig(model=str(pol_dir), baselines=[policy] if policy == cfg.sft else [policy, cfg.sft],
+                                  reward=str(rm_dir), judge=cfg.judge, prompts=cfg.eval_prompts,
+                                  comparisons=[str(cmp_path)], bias=cfg.report_bias,
+                                  previous=str(prev) if prev.exists() else None,
+                                  max_new_tokens=cfg.eval_max_new_tokens), report_dir)
         _register(rdir)
         rounds.append(res)
         policy, prev_rm = str(pol_dir), rm_dir

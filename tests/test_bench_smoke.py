@@ -1,0 +1,56 @@
+"""Smoke tests for the peer benchmarks: the chatforge side runs and the missing peer is reported, not fatal."""
+
+import math
+import sys
+
+import pytest
+
+
+def test_trl_rows_feed_trl_the_same_tokens_and_targets():
+    from chatforge.bench.sft import trl_rows
+    from chatforge.core.tokenizer import IGNORE_INDEX
+
+    inputs, targets = [5, 6, 7, 8], [IGNORE_INDEX, 7, 8, 9]  # chatforge: targets[t] is predicted at t
+    (row,) = trl_rows([(inputs, targets)])
+    assert row["input_ids"] == inputs
+    # TRL shifts inside the model: labels[t + 1] is predicted at t
+    assert row["labels"] == [IGNORE_INDEX, IGNORE_INDEX, 7, 8]
+    assert len(row["labels"]) == len(row["input_ids"])
+
+
+def test_bench_sft_quick_without_trl(monkeypatch):
+    from chatforge.bench import sft
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` raises ImportError
+    res = sft.run(quick=True, threads=0)
+    assert res["trl"] is None and res["speedup_vs_trl"] is None
+    assert "not installed" in res["note"]
+    cf = res["chatforge"]
+    assert cf["tokens_per_sec"] > 0 and cf["tokens_per_step"] > 0
+    assert math.isfinite(cf["final_loss"])
+    assert res["conversations"] > 0 and res["unit"].startswith("non-pad")
+
+
+def test_bench_ppo_quick_without_trl_venv(monkeypatch, tmp_path):
+    from chatforge.bench import ppo
+
+    monkeypatch.setattr(ppo, "TRL_PYTHON", tmp_path / "missing" / "python")
+    res = ppo.run(quick=True, threads=0)
+    assert res["trl"] is None and res["speedup_vs_trl"] is None
+    assert "setup.sh" in res["note"]
+    cf = res["chatforge"]
+    assert cf["steps_per_sec"] > 0
+    assert 0 < cf["reply_tokens_per_step"] <= res["batch"] * res["reply_len"]
+    assert res["prompts"] >= res["batch"]
+
+
+def test_bench_ppo_reports_a_failing_trl_runner(monkeypatch, tmp_path):
+    """A TRL venv that exists but fails raises with the runner's exit code and stderr (run() records it as the note)."""
+    from chatforge.bench import ppo
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named trl' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(ppo, "TRL_PYTHON", fake)
+    with pytest.raises(RuntimeError, match="exit 3.*No module named trl"):
+        ppo.bench_trl(tmp_path, 2, 1, 1, 4, 1, 1, 1, 1e-5)

@@ -1,0 +1,64 @@
+"""`chatforge demo --quick` end to end (what `make demo` runs, at tiny sizes), and loop resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from chatforge.stages.loop import LoopConfig, judged_outcomes
+from chatforge.stages.loop import run as run_loop
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    r = subprocess.run([sys.executable, "-m", "chatforge.cli", "demo", "--quick", "--out", str(out)],
+                       env={**os.environ, "CI": "1"}, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_demo_quick_fills_every_stage(demo_dir):
+    summary = json.loads((demo_dir / "demo.json").read_text())
+    assert [row["model"] for row in summary["table"]] == ["sft", "round-1", "round-2"]
+    for stage in ("base", "sft", "loop/round-1/rm", "loop/round-1/policy", "loop/round-2/rm", "loop/round-2/policy"):
+        man = json.loads((demo_dir / stage / "manifest.json").read_text())
+        assert man["status"] == "completed", stage
+    for r in (1, 2):
+        rdir = demo_dir / "loop" / f"round-{r}"
+        tasks = [json.loads(x) for x in (rdir / "tasks.jsonl").read_text().splitlines()]
+        cmps = [json.loads(x) for x in (rdir / "comparisons.jsonl").read_text().splitlines()]
+        assert tasks and cmps and all("ranking" in c for c in cmps)
+        ev = json.loads((rdir / "eval.json").read_text())
+        wr = ev["vs_sft"]["win_rate"]
+        assert wr["n"] > 0
+        assert 0 <= wr["ci_wilson"][0] <= wr["win_rate"] <= wr["ci_wilson"][1] <= 1
+        assert ev["policy_metrics"]["final_kl"] is not None
+    # round 2's reward model continued from round 1's and saw both rounds' comparisons
+    rm2 = json.loads((demo_dir / "loop/round-2/rm/manifest.json").read_text())
+    assert "round-1/rm" in rm2["config"]["model"] and len(rm2["config"]["data"]["paths"]) == 2
+
+
+def test_loop_resumes_at_round_boundary(demo_dir, tmp_path):
+    """A loop re-run with more rounds keeps finished rounds untouched and adds the new one."""
+    import shutil
+
+    out = tmp_path / "loop"
+    shutil.copytree(demo_dir / "loop", out)
+    shutil.rmtree(out / "round-2")
+    before = {p: p.stat().st_mtime_ns for p in (out / "round-1").rglob("*") if p.is_file()}
+    cfg = LoopConfig(**json.loads((demo_dir / "loop" / "loop_config.json").read_text()))
+    cfg.out = str(out)
+    res = run_loop(cfg)
+    assert len(res["rounds"]) == 2 and (out / "round-2" / "eval.json").exists()
+    after = {p: p.stat().st_mtime_ns for p in (out / "round-1").rglob("*") if p.is_file() and p in before}
+    changed = [str(p) for p in before if after.get(p) != before[p] and "registry" not in str(p)]
+    assert not changed, changed
+
+
+def test_judged_outcomes_majority_and_ties():
+    prompt = {"id": "a", "messages": [{"role": "user", "content": "What is 2 + 3?"}]}
+    out = judged_outcomes([prompt] * 3, ["5", "7", "5"], ["7", "5", "5"], "rule")
+    assert out == [1.0, 0.0, 0.5]
