@@ -489,6 +489,9 @@ class CriticConfig:
     """A value head on the policy's own trunk (one forward, shared gradients) instead of a separate critic."""
     lr: float | None = None
     """Critic learning rate (none = train.lr)."""
+    adapter: bool = False
+    """With lora.enabled: the critic is its own LoRA adapter + value head on the policy's frozen base, so one
+    copy of the weights serves policy, reference (adapters off) and critic (single process)."""
 
 
 @dataclass

@@ -288,3 +288,34 @@ def test_rm_with_another_tokenizer_rescores_text(tiny_tokenizer, tiny_model_fact
     cfg.critic.init = "reward"
     with pytest.raises(UserError, match="tokenizer differs"):
         load_critic(cfg, tiny_model_factory(tiny_tokenizer), tiny_tokenizer, policy_dir, reward, torch.device("cpu"))
+
+
+def test_ppo_with_critic_adapter_on_one_frozen_base(setup, tmp_path):
+    """critic.adapter: policy, reference (adapters off) and critic share one copy of the base weights."""
+    from safetensors.torch import load_file
+
+    from chatforge.stages import ppo
+
+    root, model_dir, prompts = setup
+    cfg = load_config(PPOConfig, None, _ppo_sets(root, model_dir, prompts, 3, [
+        "lora.enabled=true", "lora.r=4", "critic.adapter=true", "train.checkpoint_every=3"]))
+    res = ppo.run(cfg, tmp_path / "run", resume=False)
+    assert res["iterations"] == 3
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+    weights = load_file(tmp_path / "run" / "checkpoints" / "step-3" / "shared.safetensors")
+    base = load_file(model_dir / "model.safetensors")
+    critic_keys = [k for k in weights if "lora" in k and ".critic." in k]
+    assert critic_keys, "the critic adapter is checkpointed"
+    # the frozen base is untouched: every base tensor in the checkpoint equals the original
+    checked = 0
+    for k, v in base.items():
+        matches = [w for name, w in weights.items() if name.endswith(k.replace("model.", "", 1)) and "lora" not in name
+                   and w.shape == v.shape]
+        if matches:
+            checked += 1
+            assert any(bool((m == v).all()) for m in matches), k
+    assert checked >= len(base) // 2, f"only {checked} of {len(base)} base tensors found in the checkpoint"
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").config.hidden_size == 64

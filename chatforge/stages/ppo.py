@@ -279,6 +279,23 @@ def make_ptx_loader(cfg: PTXConfig, tok: Any, seed: int, info: DistInfo) -> Any:
 # ----------------------------------------------------------------------------- stage
 
 
+def load_shared_base(cfg: PPOConfig, info: Any) -> tuple[Any, Any, Path]:
+    """One frozen base with a "policy" and a "critic" LoRA adapter (core/adapters.py); single process."""
+    from chatforge.core.adapters import SharedBase
+    from chatforge.core.model import load_model_and_tokenizer
+
+    if not cfg.lora.enabled:
+        raise UserError("critic.adapter=true needs lora.enabled=true (the critic is a LoRA adapter)")
+    if info.enabled:
+        raise UserError("critic.adapter=true runs in a single process; drop torchrun or critic.adapter")
+    if cfg.reference:
+        raise UserError("critic.adapter=true uses the base with adapters off as the reference; drop --reference")
+    base, tok, src = load_model_and_tokenizer(cfg.policy)  # type: ignore[arg-type]
+    shared = SharedBase(base, cfg.lora, adapters=("policy", "critic"), trainable=("policy", "critic"),
+                        seed=cfg.train.seed)
+    return shared.to(info.device), tok, src
+
+
 def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
     """Train a policy with PPO into the run dir `out`; returns the summary (also in manifest.json)."""
     from chatforge.evals.text import near_duplicate_rate
@@ -289,13 +306,24 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
     out = Path(out)
     try:
         # ---------------------------------------------------------------- models and reward
-        policy, tok, src = load_policy(cfg.policy, cfg.lora, info.device)  # type: ignore[arg-type]
-        ref_spec = cfg.reference or (None if cfg.lora.enabled else str(src))
-        ref = load_reference(ref_spec, policy, tok, cfg.lora.enabled, info.device)
         reward = make_reward_source(cfg.reward, info.device, cfg.rollout.forward_batch_size)  # type: ignore[arg-type]
-        critic, critic_desc = load_critic(cfg, policy, tok, src, reward, info.device)
-        disable_dropout(policy)
-        disable_dropout(critic)
+        if cfg.critic.adapter:  # one frozen base: policy adapter, reference = adapters off, critic adapter + head
+            shared_base, tok, src = load_shared_base(cfg, info)
+            policy, critic, ref, ref_spec = shared_base.model, shared_base.critic_module(), None, None
+            critic_desc = "LoRA adapter + value head on the policy's frozen base"
+            modules: dict[str, torch.nn.Module] = {"shared": shared_base}
+            policy_params, critic_params = shared_base.parameters_of("policy"), shared_base.parameters_of("critic")
+            disable_dropout(shared_base)
+        else:
+            policy, tok, src = load_policy(cfg.policy, cfg.lora, info.device)  # type: ignore[arg-type]
+            ref_spec = cfg.reference or (None if cfg.lora.enabled else str(src))
+            ref = load_reference(ref_spec, policy, tok, cfg.lora.enabled, info.device)
+            critic, critic_desc = load_critic(cfg, policy, tok, src, reward, info.device)
+            modules = {"policy": policy, "critic": critic}
+            policy_params = [p for p in policy.parameters() if p.requires_grad]
+            critic_params = [p for p in critic.parameters() if p.requires_grad]
+            disable_dropout(policy)
+            disable_dropout(critic)
         print0(f"policy: {count_params(policy) / 1e6:.2f}M params ({count_params(policy, True) / 1e6:.3f}M trainable)"
                f"; reference: {'policy with adapters off' if ref is None else ref_spec}; reward: {reward.name}; "
                f"critic: {critic_desc}")
@@ -308,11 +336,10 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
 
         # ---------------------------------------------------------------- optimizers, KL controller, ptx
         ddp_policy, ddp_critic = wrap_ddp(policy, info), wrap_ddp(critic, info)
-        policy_opt = make_optimizer(policy.parameters(), cfg.train, info.device)
-        critic_opt = make_optimizer(critic.parameters(), cfg.train, info.device, lr=cfg.critic.lr)
+        policy_opt = make_optimizer(policy_params, cfg.train, info.device)
+        critic_opt = make_optimizer(critic_params, cfg.train, info.device, lr=cfg.critic.lr)
         policy_sched, critic_sched = make_scheduler(policy_opt, cfg.train), make_scheduler(critic_opt, cfg.train)
-        groups = [([p for p in policy.parameters() if p.requires_grad], policy_opt),
-                  ([p for p in critic.parameters() if p.requires_grad], critic_opt)]
+        groups = [(policy_params, policy_opt), (critic_params, critic_opt)]
         kl_ctl = make_kl_controller(cfg)
         guards = HackingGuards(cfg.guards, "ppo")
         ptx = make_ptx_loader(cfg.ptx, tok, cfg.train.seed, info) if cfg.ptx.coef > 0 else None
@@ -406,7 +433,7 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
                     "critic_sched": critic_sched, "kl_ctl": kl_ctl, "prompts": stream, "guards": guards}
         if ptx is not None:
             stateful["ptx"] = ptx
-        state = train_loop(run_, cfg.train, step_fn=step_fn, modules={"policy": policy, "critic": critic},
+        state = train_loop(run_, cfg.train, step_fn=step_fn, modules=modules,
                            stateful=stateful, fingerprint=fingerprint, resume=resume, should_stop=guards.should_stop)
 
         summary = {"iterations": state.step, "reply_tokens": state.tokens, "final_loss": state.ema_loss,
