@@ -310,8 +310,8 @@ def test_ppo_with_critic_adapter_on_one_frozen_base(setup, tmp_path):
     # the frozen base is untouched: every base tensor in the checkpoint equals the original
     checked = 0
     for k, v in base.items():
-        matches = [w for name, w in weights.items() if name.endswith(k.replace("model.", "", 1)) and "lora" not in name
-                   and w.shape == v.shape]
+        matches = [w for name, w in weights.items() if name.replace("base_layer.", "").endswith(k)
+                   and "lora" not in name and w.shape == v.shape]
         if matches:
             checked += 1
             assert any(bool((m == v).all()) for m in matches), k
