@@ -166,7 +166,8 @@ def collate(rows: list[Row], pad_id: int, device: torch.device | None = None) ->
     mask = (causal[None] & same & (segments[:, None, :] > 0))[:, None]
     # padded query rows would attend to nothing (NaN in softmax): let them see themselves
     mask = mask | torch.eye(T, dtype=torch.bool)[None, None]
-    batch = {"input_ids": inputs, "targets": targets, "position_ids": positions, "attention_mask": mask}
+    batch = {"input_ids": inputs, "targets": targets, "position_ids": positions, "attention_mask": mask,
+             "num_tokens": torch.tensor(sum(len(r.inputs) for r in rows))}
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
@@ -221,7 +222,7 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
 
 
 def sft_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over assistant target tokens of the micro-batch."""
+    """Mean cross-entropy over assistant target tokens; the count returned is all tokens processed
+    (what throughput is measured in), not only the assistant targets."""
     losses, valid = token_losses(model, batch)
-    n = int(valid.sum())
-    return losses.sum() / max(1, n), n
+    return losses.sum() / max(1, int(valid.sum())), int(batch["num_tokens"])

@@ -193,7 +193,7 @@ def load_sft_eval(spec: str) -> list[dict]:
 
 def sft_val_loss(model: Any, tok: Any, convs: list[dict], seq_len: int, batch_size: int) -> dict:
     """Mean loss over assistant tokens of held-out conversations (per token of this model's tokenizer)."""
-    from chatforge.data.sft_data import collate, pack, render_examples, sft_loss
+    from chatforge.data.sft_data import collate, pack, render_examples, token_losses
 
     seq_len = min(seq_len, model.config.max_position_embeddings - 1)
     examples, st = render_examples(tok, convs, seq_len)
@@ -201,8 +201,8 @@ def sft_val_loss(model: Any, tok: Any, convs: list[dict], seq_len: int, batch_si
     total, n = 0.0, 0
     with torch.inference_mode():
         for i in range(0, len(rows), batch_size):
-            loss, k = sft_loss(model, collate(rows[i: i + batch_size], tok.pad_token_id))
-            total, n = total + float(loss) * k, n + k
+            losses, valid = token_losses(model, collate(rows[i: i + batch_size], tok.pad_token_id))
+            total, n = total + float(losses.sum()), n + int(valid.sum())
     if not n:
         return {"skipped": "no conversation fits the context", "conversations": len(convs)}
     return {"loss": total / n, "ppl": math.exp(min(total / n, 50.0)), "target_tokens": n,

@@ -38,6 +38,7 @@ from chatforge.data.sft_data import (
     render_examples,
     sft_loss,
     split_train_val,
+    token_losses,
 )
 
 
@@ -102,8 +103,8 @@ def run(cfg: SFTConfig, out: Path, resume: bool = True) -> dict:
         def eval_fn() -> dict:
             tot, n = 0.0, 0
             for b in val_batches:
-                loss, k = sft_loss(ddp_model, b)
-                tot, n = tot + float(loss) * k, n + k
+                losses, valid = token_losses(ddp_model, b)
+                tot, n = tot + float(losses.sum()), n + int(valid.sum())
             return {"val/loss": tot / max(1, n)} if n else {}
 
         data_hash = hashlib.sha256(json.dumps([c["messages"] for c in convs]).encode()).hexdigest()
