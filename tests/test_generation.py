@@ -110,7 +110,8 @@ def test_stop_ids_end_generation(model, tok, prompts):
     assert free.finish_reason == "length" and len(free.token_ids) == 12
     stop_id = free.token_ids[3]
     first = free.token_ids.index(stop_id)
-    stopped = run(model, tok, prompts[:1], SamplingParams(temperature=0, max_new_tokens=12), stop=[stop_id])[0][0]
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    stopped = run(model, tok, prompts[:1], params, stop=[stop_id])[0][0]
     assert stopped.finish_reason == "stop"
     assert stopped.token_ids == free.token_ids[: first + 1]
     assert len(stopped.logprobs) == len(stopped.token_ids)
@@ -129,8 +130,8 @@ def test_stop_strings_cut_text(model, tok, prompts):
     assert text and len(text) > 8
     stop = text[4:7]
     cut = text.index(stop)
-    out = run(model, tok, prompts[:1], SamplingParams(temperature=0, max_new_tokens=24, stop=[stop, "\x00never"]),
-              tokenizer=tok)[0][0]
+    params = SamplingParams(temperature=0, max_new_tokens=24, stop=[stop, "\x00never"])
+    out = run(model, tok, prompts[:1], params, tokenizer=tok)[0][0]
     assert out.finish_reason == "stop"
     assert out.text == text[:cut]
     assert free.token_ids[: len(out.token_ids)] == out.token_ids
@@ -265,15 +266,16 @@ def test_finished_rows_are_retired_without_changing_results(model, tok, prompts,
     calls = []
     real_retire = gen._retire
     monkeypatch.setattr(gen, "_retire", lambda state, which: calls.append(len(which)) or real_retire(state, which))
-    params = [SamplingParams(max_new_tokens=3, seed=1), SamplingParams(temperature=0.9, max_new_tokens=12, seed=2),
+    params = [SamplingParams(max_new_tokens=3, seed=1),
+              SamplingParams(temperature=0.9, max_new_tokens=12, seed=2),
               SamplingParams(temperature=0, max_new_tokens=5)]
     out = run(model, tok, prompts, params, num_samples=2)
     assert calls[0] == 6 and calls[-1] < 6  # compacted 6 rows mid-way, then the rest at the end
     for p, pp, group in zip(prompts, params, out, strict=True):
         for j, g in enumerate(group):
             seed = None if pp.seed is None else pp.seed + j
-            alone = run(model, tok, [p], SamplingParams(temperature=pp.temperature, max_new_tokens=pp.max_new_tokens,
-                                                        seed=seed))[0][0]
+            solo = SamplingParams(temperature=pp.temperature, max_new_tokens=pp.max_new_tokens, seed=seed)
+            alone = run(model, tok, [p], solo)[0][0]
             assert g.token_ids == alone.token_ids and len(g.token_ids) == pp.max_new_tokens
             assert g.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
 
@@ -282,7 +284,8 @@ def test_batch_size_chunks_do_not_change_results(model, tok, prompts):
     params = [SamplingParams(max_new_tokens=6, seed=s) for s in (1, 2, 3)]
     whole = run(model, tok, prompts, params, num_samples=2)
     chunked = run(model, tok, prompts, params, num_samples=2, batch_size=1)
-    assert [[g.token_ids for g in group] for group in whole] == [[g.token_ids for g in group] for group in chunked]
+    ids = [[[g.token_ids for g in group] for group in out] for out in (whole, chunked)]
+    assert ids[0] == ids[1]
 
 
 def test_bench_generate_runs_both_engines():

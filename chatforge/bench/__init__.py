@@ -11,7 +11,7 @@ import importlib
 from chatforge.core.io import UserError
 
 STAGES = {"pretrain": "chatforge.bench.pretrain", "generate": "chatforge.bench.generate", "rm": "chatforge.bench.rm",
-          "dpo": "chatforge.bench.dpo"}
+          "dpo": "chatforge.bench.dpo", "sft": "chatforge.bench.sft", "ppo": "chatforge.bench.ppo"}
 
 
 def run_bench(stage: str, quick: bool = False) -> dict:

@@ -382,7 +382,8 @@ def _row_uniforms(params: list[SamplingParams], seeds: list[int], n: int) -> tor
     out = torch.zeros(len(params), n)
     for r, (p, s) in enumerate(zip(params, seeds, strict=True)):
         if p.temperature > 0:
-            out[r, : p.max_new_tokens] = torch.rand(p.max_new_tokens, generator=torch.Generator().manual_seed(s))
+            gen = torch.Generator().manual_seed(s)
+            out[r, : p.max_new_tokens] = torch.rand(p.max_new_tokens, generator=gen)
     return out
 
 
@@ -390,7 +391,7 @@ def _row_seeds(params: list[SamplingParams], num_samples: int) -> list[int]:
     """Seed of each row: sample j of a prompt with seed s uses s + j (so it can be replayed alone)."""
     seeds = []
     for p in params:
-        base = p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        base = p.seed if p.seed is not None else _fresh_seed()
         seeds += [base + j for j in range(num_samples)]
     return seeds
 
@@ -443,7 +444,7 @@ def _prefill(model: Any, prompts: list[list[int]], pad_id: int, total: int, num_
     logits = out.logits[:, -1].float()
     if num_samples > 1:
         cache.batch_repeat_interleave(num_samples)
-        logits, valid, positions = (t.repeat_interleave(num_samples, dim=0) for t in (logits, valid, positions))
+        logits, valid, positions = (t.repeat_interleave(num_samples, 0) for t in (logits, valid, positions))
     step_mask = _additive(valid, dtype)[:, None, None, :] if fast else valid.long()
     return cache, logits, positions, step_mask
 
@@ -478,8 +479,9 @@ def _sampling_mode(row_params: list[SamplingParams]) -> tuple[str, bool, bool]:
     return "mixed", use_k, use_p
 
 
-def _decode_steps(model: Any, prompts: list[list[int]], params: list[SamplingParams], stop_token_ids: list[int],
-                  pad_id: int, tokenizer: Any, num_samples: int, track_all: bool) -> Iterator[_State]:
+def _decode_steps(model: Any, prompts: list[list[int]], params: list[SamplingParams],
+                  stop_token_ids: list[int], pad_id: int, tokenizer: Any, num_samples: int,
+                  track_all: bool) -> Iterator[_State]:
     """Prefill, then sample one token per row per step; yields the state after every step.
 
     When at least half of the rows in the batch have finished, they are retired into
@@ -528,7 +530,8 @@ def _decode_steps(model: Any, prompts: list[list[int]], params: list[SamplingPar
     _retire(state, torch.ones_like(state.rows.done))
 
 
-def _push_text(trackers: list[_TextTracker | None], toks: list[int], active: list[bool], hit: torch.Tensor) -> None:
+def _push_text(trackers: list[_TextTracker | None], toks: list[int], active: list[bool],
+               hit: torch.Tensor) -> None:
     """Feed this step's tokens to the rows' text trackers; mark rows whose stop string completed."""
     hit_rows = hit.tolist()
     for r, tracker in enumerate(trackers):
@@ -585,8 +588,9 @@ def generate(model: Any, prompts: list[list[int]], params: SamplingParams | list
         results: list[list[Generation]] = [[] for _ in prompts]
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            out = generate(model, [prompts[i] for i in idx], [plist[i] for i in idx], stop_token_ids=stop_token_ids,
-                           pad_id=pad_id, tokenizer=tokenizer, num_samples=num_samples)
+            out = generate(model, [prompts[i] for i in idx], [plist[i] for i in idx],
+                           stop_token_ids=stop_token_ids, pad_id=pad_id, tokenizer=tokenizer,
+                           num_samples=num_samples)
             for i, group in zip(idx, out, strict=True):
                 results[i] = group
         return results
@@ -603,7 +607,11 @@ def generate(model: Any, prompts: list[list[int]], params: SamplingParams | list
 
 
 def _fix_seeds(params: list[SamplingParams]) -> list[SamplingParams]:
-    return [p if p.seed is not None else replace(p, seed=int(torch.randint(0, 2**62, ()).item())) for p in params]
+    return [p if p.seed is not None else replace(p, seed=_fresh_seed()) for p in params]
+
+
+def _fresh_seed() -> int:
+    return int(torch.randint(0, 2**62, ()).item())
 
 
 @torch.inference_mode()

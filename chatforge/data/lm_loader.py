@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from chatforge.core.io import UserError
+from chatforge.data.sampler import EpochLoader
 
 
 def load_split(data_dir: Path, split: str) -> list[np.ndarray]:
@@ -35,13 +36,12 @@ def load_split(data_dir: Path, split: str) -> list[np.ndarray]:
     return shards
 
 
-class WindowLoader:
-    """Iterator of (inputs, targets) LongTensor pairs [batch_size, seq_len]; state_dict() = position."""
+class WindowLoader(EpochLoader):
+    """Iterator of (inputs, targets) LongTensor pairs [batch_size, seq_len], resumable (data/sampler.py)."""
 
     def __init__(self, shards: list[np.ndarray], seq_len: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, shuffle: bool = True, device: torch.device | None = None):
-        self.shards, self.seq_len, self.batch_size = shards, seq_len, batch_size
-        self.seed, self.rank, self.world, self.shuffle = seed, rank, world_size, shuffle
+        self.shards, self.seq_len = shards, seq_len
         self.device = device or torch.device("cpu")
         counts = [(len(s) - 1) // seq_len for s in shards]
         self.bounds = np.cumsum([0] + counts)
@@ -49,43 +49,16 @@ class WindowLoader:
         if self.n_windows < batch_size * world_size:
             raise UserError(f"data too small: {self.n_windows} windows of {seq_len + 1} tokens, need at least "
                             f"{batch_size * world_size} (lower train.seq_len or train.batch_size, or add data)")
-        self.epoch, self.cursor = 0, 0
-        self._order = self._make_order()
-
-    def _make_order(self) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.n_windows)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
+        super().__init__(self.n_windows, batch_size, self._collate, seed, rank, world_size, shuffle, "windows")
 
     def _window(self, idx: int) -> np.ndarray:
         s = int(np.searchsorted(self.bounds, idx, side="right") - 1)
         off = (idx - int(self.bounds[s])) * self.seq_len
         return np.asarray(self.shards[s][off: off + self.seq_len + 1], dtype=np.int64)
 
-    def __iter__(self) -> WindowLoader:
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        per_step = self.batch_size * self.world
-        if self.cursor + per_step > self.n_windows:  # drop the ragged tail, start a new epoch
-            self.epoch += 1
-            self.cursor = 0
-            self._order = self._make_order()
-        start = self.cursor + self.rank * self.batch_size
-        idxs = self._order[start: start + self.batch_size]
-        self.cursor += per_step
-        rows = torch.from_numpy(np.stack([self._window(int(i)) for i in idxs]))
-        rows = rows.to(self.device)
+    def _collate(self, idxs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.from_numpy(np.stack([self._window(int(i)) for i in idxs])).to(self.device)
         return rows[:, :-1], rows[:, 1:]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n_windows": self.n_windows}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["n_windows"] != self.n_windows:
-            raise UserError("checkpoint was made on different data (window count differs)")
-        self.epoch, self.cursor, self.seed = state["epoch"], state["cursor"], state["seed"]
-        self._order = self._make_order()
 
 
 def eval_batches(shards: list[np.ndarray], seq_len: int, batch_size: int, n_batches: int, rank: int = 0,

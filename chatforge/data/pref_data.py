@@ -32,13 +32,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from chatforge.core.io import UserError
 from chatforge.core.rl import logprobs_from_logits, sequence_logps
 from chatforge.core.tokenizer import IGNORE_INDEX, render_conversation
 from chatforge.data.formats import Comparison, comparison_pairs
+from chatforge.data.sampler import EpochLoader
 
 
 @dataclass
@@ -318,40 +318,12 @@ def compute_reference(model: Any, pairs: list[PrefPair], pad_id: int, batch_size
 # ----------------------------------------------------------------------------- loader
 
 
-class PairLoader:
-    """Micro-batches of pairs in a per-epoch order drawn from (seed, epoch); rank r takes its own slice."""
+class PairLoader(EpochLoader):
+    """Micro-batches of preference pairs, resumable (data/sampler.py)."""
 
     def __init__(self, pairs: list[PrefPair], batch_size: int, pad_id: int, seed: int, rank: int = 0,
                  world_size: int = 1, device: torch.device | None = None, layout: str = "pairs"):
-        if len(pairs) < batch_size * world_size:
-            raise UserError(f"only {len(pairs)} usable training pairs for a global batch of "
-                            f"{batch_size * world_size}; add data or lower train.batch_size")
-        self.pairs, self.batch_size, self.pad_id, self.seed = pairs, batch_size, pad_id, seed
-        self.rank, self.world, self.device, self.layout = rank, world_size, device, layout
-        self.epoch, self.cursor = 0, 0
-        self._order = self._make_order()
-
-    def _make_order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.pairs))
-
-    def __iter__(self) -> PairLoader:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        per_step = self.batch_size * self.world
-        if self.cursor + per_step > len(self.pairs):
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self._order = self._make_order()
-        start = self.cursor + self.rank * self.batch_size
-        idx = self._order[start: start + self.batch_size]
-        self.cursor += per_step
-        return collate([self.pairs[int(i)] for i in idx], self.pad_id, self.layout, self.device)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n": len(self.pairs)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["n"] != len(self.pairs):
-            raise UserError("checkpoint was made on different preference data (pair count differs)")
-        self.epoch, self.cursor, self.seed = state["epoch"], state["cursor"], state["seed"]
-        self._order = self._make_order()
+        self.pairs = pairs
+        super().__init__(len(pairs), batch_size, lambda idx: collate(
+            [pairs[int(i)] for i in idx], pad_id, layout, device), seed, rank, world_size,
+            what="usable training pairs")

@@ -36,13 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from chatforge.core.io import UserError
 from chatforge.core.tokenizer import _template_ids, render_for_completion
 from chatforge.data.formats import Comparison, assign_split, comparison_pairs, read_comparisons
+from chatforge.data.sampler import EpochLoader
 
 
 def render_ids(tok: Any, messages: list[dict]) -> list[int]:
@@ -278,43 +278,15 @@ def collate_comparisons(examples: list[RMExample], pad_id: int, device: torch.de
     return batch
 
 
-class ComparisonLoader:
-    """Micro-batches of comparisons in a per-epoch order drawn from (seed, epoch); rank r takes its slice."""
+class ComparisonLoader(EpochLoader):
+    """Micro-batches of comparisons (all K replies of each), resumable (data/sampler.py)."""
 
     def __init__(self, examples: list[RMExample], batch_size: int, pad_id: int, seed: int, rank: int = 0,
                  world_size: int = 1, device: torch.device | None = None, flat: bool = False):
-        if len(examples) < batch_size * world_size:
-            raise UserError(f"only {len(examples)} usable training comparisons for a global batch of "
-                            f"{batch_size * world_size}; add data or lower train.batch_size")
-        self.examples, self.batch_size, self.pad_id, self.seed = examples, batch_size, pad_id, seed
-        self.rank, self.world, self.device, self.flat = rank, world_size, device, flat
-        self.epoch, self.cursor = 0, 0
-        self._order = self._make_order()
-
-    def _make_order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
-
-    def __iter__(self) -> ComparisonLoader:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        per_step = self.batch_size * self.world
-        if self.cursor + per_step > len(self.examples):
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self._order = self._make_order()
-        start = self.cursor + self.rank * self.batch_size
-        idx = self._order[start: start + self.batch_size]
-        self.cursor += per_step
-        return collate_comparisons([self.examples[int(i)] for i in idx], self.pad_id, self.device, self.flat)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n": len(self.examples)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["n"] != len(self.examples):
-            raise UserError("checkpoint was made on different comparison data (example count differs)")
-        self.epoch, self.cursor, self.seed = state["epoch"], state["cursor"], state["seed"]
-        self._order = self._make_order()
+        self.examples = examples
+        super().__init__(len(examples), batch_size, lambda idx: collate_comparisons(
+            [examples[int(i)] for i in idx], pad_id, device, flat), seed, rank, world_size,
+            what="usable training comparisons")
 
 
 # ----------------------------------------------------------------------------- rewards and loss

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from chatforge.core.io import UserError
 from chatforge.core.tokenizer import IGNORE_INDEX, render_conversation
+from chatforge.data.sampler import EpochLoader
 
 
 @dataclass
@@ -171,44 +171,14 @@ def collate(rows: list[Row], pad_id: int, device: torch.device | None = None) ->
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
-class RowLoader:
-    """Batches of rows in a per-epoch order drawn from (seed, epoch); rank r takes its own slice."""
+class RowLoader(EpochLoader):
+    """Batches of packed SFT rows, resumable (data/sampler.py)."""
 
     def __init__(self, rows: list[Row], batch_size: int, pad_id: int, seed: int, rank: int = 0,
                  world_size: int = 1, device: torch.device | None = None):
-        if len(rows) < batch_size * world_size:
-            raise UserError(f"only {len(rows)} training rows for a global batch of {batch_size * world_size}; "
-                            "add data or lower train.batch_size")
-        self.rows, self.batch_size, self.pad_id, self.seed = rows, batch_size, pad_id, seed
-        self.rank, self.world, self.device = rank, world_size, device
-        self.epoch, self.cursor = 0, 0
-        self._order = self._make_order()
-
-    def _make_order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows))
-
-    def __iter__(self) -> RowLoader:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        per_step = self.batch_size * self.world
-        if self.cursor + per_step > len(self.rows):
-            self.epoch += 1
-            self.cursor = 0
-            self._order = self._make_order()
-        start = self.cursor + self.rank * self.batch_size
-        idx = self._order[start: start + self.batch_size]
-        self.cursor += per_step
-        return collate([self.rows[int(i)] for i in idx], self.pad_id, self.device)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n_rows": len(self.rows)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["n_rows"] != len(self.rows):
-            raise UserError("checkpoint was made on different SFT data (row count differs)")
-        self.epoch, self.cursor, self.seed = state["epoch"], state["cursor"], state["seed"]
-        self._order = self._make_order()
+        self.rows = rows
+        super().__init__(len(rows), batch_size, lambda idx: collate([rows[int(i)] for i in idx], pad_id, device),
+                         seed, rank, world_size, what="training rows")
 
 
 def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
