@@ -173,13 +173,22 @@ def test_label_writes_comparisons(tmp_path):
 
 def test_bad_task_line_names_file_and_line_and_writes_nothing(tmp_path):
     rows = _arith_tasks(3)
-    rows[1]["responses"] = rows[1]["responses"][:1]
+    rows[1]["responses"] = []
     out = tmp_path / "cmp.jsonl"
-    with pytest.raises(DataError, match=r"tasks.jsonl:2: responses must be a list of at least 2"):
+    with pytest.raises(DataError, match=r"tasks.jsonl:2: responses must be a non-empty list"):
         L.label(_write(tmp_path / "tasks.jsonl", rows), out, "rule")
     assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "tasks.jsonl"]
     with pytest.raises(DataError, match="no ranking tasks"):
         L.label(_write(tmp_path / "empty.jsonl", []), out, "rule")
+
+
+def test_single_reply_tasks_are_skipped_and_counted(tmp_path):
+    """K samples that were all identical collapse to one reply: nothing to rank, counted not fatal."""
+    rows = _arith_tasks(3)
+    rows[1]["responses"] = rows[1]["responses"][:1]
+    stats = L.label(_write(tmp_path / "tasks.jsonl", rows), tmp_path / "cmp.jsonl", "rule")
+    assert stats["skipped_single_reply"] == 1 and stats["tasks"] == 2
+    assert len((tmp_path / "cmp.jsonl").read_text().splitlines()) == 2
 
 
 # ----------------------------------------------------------------------------- spec strings

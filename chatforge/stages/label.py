@@ -46,6 +46,7 @@ from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from chatforge.core.io import DataError, UserError, atomic_write, read_jsonl
+from chatforge.core.log import warn
 from chatforge.data import tasks as suite
 
 LABELER_KINDS = ("rule", "reference", "judge")
@@ -493,8 +494,8 @@ def validate_task(task: Any, path: str | Path, line: int) -> None:
     if not isinstance(msgs, list) or not msgs or not all(is_message(m) for m in msgs):
         raise DataError(path, line, "prompt.messages must be a non-empty list of {role, content} strings")
     responses = task.get("responses")
-    if not isinstance(responses, list) or len(responses) < 2:
-        raise DataError(path, line, "responses must be a list of at least 2 replies to rank")
+    if not isinstance(responses, list) or len(responses) < 1:
+        raise DataError(path, line, "responses must be a non-empty list of replies to rank")
     ids = []
     for i, r in enumerate(responses):
         if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("response_id", "content")):
@@ -538,9 +539,13 @@ def label(tasks_path: str | Path, out_path: str | Path, spec: str | Sequence[Lab
     top_scores: list[float] = []
     all_scores: list[float] = []
     best_on_top = 0
+    single = 0
     with atomic_write(out_path) as f:
         for line, task in read_jsonl(tasks_path):
             validate_task(task, tasks_path, line)
+            if len(task["responses"]) < 2:  # all K samples were identical: nothing to rank
+                single += 1
+                continue
             task["task_id"] = str(task["task_id"])
             chosen = labelers
             if k < len(labelers):  # drawn per task: who labels a task does not depend on file order
@@ -569,9 +574,12 @@ def label(tasks_path: str | Path, out_path: str | Path, spec: str | Sequence[Lab
                 sizes.append([len(g) for g in groups])
         if not rankings_per_task:
             raise DataError(tasks_path, None, "no ranking tasks in file")
+    if single:
+        warn(f"{tasks_path}: skipped {single} tasks whose K replies were all identical (nothing to rank)")
     agreement, pairs = panel_agreement(rankings_per_task)
     return {
-        "tasks": len(rankings_per_task), "comparisons": sum(counts.values()), "labelers": dict(counts),
+        "tasks": len(rankings_per_task), "skipped_single_reply": single, "comparisons": sum(counts.values()),
+        "labelers": dict(counts),
         "labels_per_task": k, "agreement": agreement, "agreement_pairs": pairs,
         "expected_agreement": _expected_for_panel(labelers, k, utilities, sizes, seed),
         "suite_labels": len(top_scores),
