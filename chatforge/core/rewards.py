@@ -1,9 +1,13 @@
 """Reward sources for RL (PPO, GRPO) and evaluation: text in, one float per reply out.
 
 Every source implements `RewardSource.score(prompts, replies)`, where `prompts` are prompt
-conversations (`{"id", "messages", "meta"}` dicts) and `replies` the decoded reply texts. Sources work
-on *text*, never on the policy's token ids, so a reward model with another tokenizer than the
-policy just re-tokenises (the RM's chat template renders prompt + reply its own way).
+conversations (`{"id", "messages", "meta"}` dicts) and `replies` the decoded reply texts, so a reward
+model with another tokenizer than the policy just re-tokenises (the RM's chat template renders
+prompt + reply its own way). RL stages call `score_rollout`, which skips decode → render → re-tokenise
+when the RM shares the policy's token ids and chat template: it scores the sampled ids directly
+(prompt ids + reply ids + the template's end-of-turn suffix), as TRL does. The two paths agree
+whenever the sampled reply is the canonical tokenisation of its text (tested); the id path scores
+exactly what the policy produced (including special tokens the text path would drop).
 
 `--reward` specs (`make_reward_source`):
 
@@ -21,6 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from chatforge.core.io import UserError
+from chatforge.core.tokenizer import stop_token_ids
 
 
 class RewardSource(Protocol):
@@ -46,6 +51,8 @@ class RMReward:
         self.model, self.tok, self.norm = load_reward_model(spec, device)
         self.model.requires_grad_(False)
         self.batch_size = batch_size
+        self.turn_suffix = assistant_turn_suffix(self.tok)
+        self._ids_ok: dict[int, bool] = {}  # id(policy tokenizer) -> can score its ids directly
 
     def score(self, prompts: list[dict], replies: list[str]) -> list[float]:
         from chatforge.stages.rm_eval import score_texts
@@ -53,6 +60,21 @@ class RMReward:
         with torch.no_grad():
             return score_texts(self.model, self.tok, [p["messages"] for p in prompts], list(replies), self.norm,
                                self.batch_size)
+
+    def accepts_ids_of(self, tok: Any) -> bool:
+        """True when sequences rendered by `tok` are what this RM's tokenizer and template would render."""
+        key = id(tok)
+        if key not in self._ids_ok:
+            self._ids_ok[key] = (self.turn_suffix is not None and same_token_ids(tok, self.tok)
+                                 and getattr(tok, "chat_template", None) == getattr(self.tok, "chat_template", None))
+        return self._ids_ok[key]
+
+    def score_ids(self, seqs: list[list[int]]) -> list[float]:
+        """Normalised scores of whole rendered conversations given as this RM's token ids."""
+        from chatforge.stages.rm_eval import score_token_ids
+
+        with torch.no_grad():
+            return score_token_ids(self.model, seqs, self.norm, self.batch_size)
 
 
 class TaskReward:
@@ -107,6 +129,41 @@ def make_reward_source(spec: str, device: torch.device | str = "cpu", batch_size
     if spec.startswith("keyword:"):
         return KeywordReward([k for k in spec[len("keyword:"):].split(",") if k])
     return RMReward(spec, device, batch_size)
+
+
+def assistant_turn_suffix(tok: Any) -> list[int] | None:
+    """The ids the chat template emits after an assistant reply's content (e.g. `<|end|>\\n`), or None
+    when prompt + reply does not render as completion prompt + reply ids + a fixed suffix."""
+    from chatforge.core.tokenizer import render_for_completion
+    from chatforge.data.rm_data import render_ids
+
+    user = [{"role": "user", "content": "Say hello."}]
+    try:
+        prefix = render_for_completion(tok, user)
+        empty = render_ids(tok, user + [{"role": "assistant", "content": ""}])
+        probe = "Hello, world! 42"
+        full = render_ids(tok, user + [{"role": "assistant", "content": probe}])
+    except Exception:  # a template that cannot render this probe: keep the text path
+        return None
+    suffix = empty[len(prefix):]
+    body = tok.encode(probe, add_special_tokens=False)
+    return suffix if empty[: len(prefix)] == prefix and full == prefix + body + suffix else None
+
+
+def score_rollout(reward: RewardSource, tok: Any, ro: Any) -> list[float]:
+    """Scores of a `core.rollout.Rollout` sampled with tokenizer `tok`: token ids straight into an RM that
+    shares them (and its template), else `reward.score` on the decoded texts."""
+    if isinstance(reward, RMReward) and reward.accepts_ids_of(tok):
+        from chatforge.stages.rm_eval import _seq_len
+
+        stops = set(stop_token_ids(tok))
+        seqs = []
+        for prompt, reply, ended in zip(ro.prompt_ids, ro.token_ids, ro.ended.tolist(), strict=True):
+            body = reply[:-1] if ended and reply and reply[-1] in stops else reply  # the stop token is not text
+            seqs.append(prompt + body + reward.turn_suffix)  # type: ignore[operator]
+        if max(map(len, seqs)) <= _seq_len(reward.model, None):  # too long: the text path cuts old turns
+            return reward.score_ids(seqs)
+    return reward.score(ro.prompts, ro.texts)
 
 
 def same_token_ids(tok_a: Any, tok_b: Any) -> bool:

@@ -151,6 +151,9 @@ class Rollout:
         query_ids    [R, Q] long  left-padded prompt ids        query_mask [R, Q] long  1 on real tokens
         response_ids [R, T] long  right-padded reply ids        mask       [R, T] bool  1 up to and incl. the stop token
         ended        [R]    bool  the reply emitted a stop token before max_new_tokens
+        logprobs     [R, T] float the engine's raw-model log-probs of the reply tokens (0 on padding); the PPO
+                                  "old" log-probs when sampling was plain (`engine_logprobs_usable`)
+    `prompt_ids` / `token_ids` are the same rows as unpadded lists (reply ids include the stop token).
     """
 
     prompts: list[dict]
@@ -160,6 +163,9 @@ class Rollout:
     response_ids: torch.Tensor
     mask: torch.Tensor
     ended: torch.Tensor
+    logprobs: torch.Tensor
+    prompt_ids: list[list[int]]
+    token_ids: list[list[int]]
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -198,7 +204,22 @@ def generate_rollouts(model: Any, tok: Any, prompts: list[dict], prompt_ids: lis
     rows = [p for p in prompts for _ in range(num_samples)]
     tensors = pad_rows([g.prompt_ids for g in gens], [g.token_ids for g in gens], tok.pad_token_id, device)
     ended = torch.tensor([g.finish_reason == "stop" for g in gens], dtype=torch.bool, device=device)
-    return Rollout(rows, [g.text or "" for g in gens], *tensors, ended)
+    logprobs = torch.zeros(tensors[2].shape, dtype=torch.float32)
+    for i, g in enumerate(gens):
+        logprobs[i, : len(g.logprobs)] = torch.tensor(g.logprobs, dtype=torch.float32)
+    return Rollout(rows, [g.text or "" for g in gens], *tensors, ended, logprobs.to(device),
+                   [g.prompt_ids for g in gens], [g.token_ids for g in gens])
+
+
+def engine_logprobs_usable(temperature: float, top_k: int, top_p: float, amp: torch.dtype | None) -> bool:
+    """True when `Rollout.logprobs` equal what `rollout_logprobs` would compute, so its forward can be skipped.
+
+    The engine records log-probs under the unmodified model distribution; they are the sampling (and the
+    PPO ratio's) distribution only at temperature 1 without top-k/top-p. Under autocast the training
+    forwards run in bf16 while the engine ran in the weights' dtype, so the ratio would start off 1 by
+    rounding noise: keep the separate forward there. (Same values up to float noise, ~1e-6 in fp32; tested.)
+    """
+    return temperature == 1.0 and top_k == 0 and top_p == 1.0 and amp is None
 
 
 def model_inputs(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,

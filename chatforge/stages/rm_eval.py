@@ -92,6 +92,16 @@ def score_texts(model: Any, tok: Any, prompts: list[list[dict]], replies: list[s
     return [norm.apply(x) for x in raw]
 
 
+def score_token_ids(model: Any, seqs: list[list[int]], norm: RewardNorm | None,
+                    batch_size: int = DEFAULT_BATCH) -> list[float]:
+    """Normalised reward of already-rendered conversations (the RM's token ids, within its context); no grad."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        raw = score_sequences(model, seqs, model.config.pad_token_id, batch_size, device)
+    norm = norm or RewardNorm()
+    return [norm.apply(x) for x in raw]
+
+
 # ----------------------------------------------------------------------------- eval metrics
 
 
