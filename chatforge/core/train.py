@@ -62,7 +62,7 @@ def make_optimizer(params: list[torch.nn.Parameter] | Any, cfg: TrainConfig, dev
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
+    fused = device.type in ("cuda", "cpu")  # fused AdamW exists on CPU too (one kernel, not a loop per tensor)
     return torch.optim.AdamW(groups, lr=lr or cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
