@@ -18,7 +18,15 @@ def tok(tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def model(tok, tiny_model_factory):
-    return tiny_model_factory(tok, hidden=64, layers=2, heads=4, seed=0)
+    """Matrices re-drawn with std 0.2: at the default 0.02 init a random model repeats one token, which
+    would let the greedy comparisons pass trivially."""
+    m = tiny_model_factory(tok, hidden=64, layers=2, heads=4, seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return m
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +48,11 @@ def naive_greedy(model, prompt, n):
     return ids[len(prompt):]
 
 
-def test_prompts_have_different_lengths(prompts):
+def test_fixtures_are_not_degenerate(model, tok, prompts):
     assert len({len(p) for p in prompts}) == len(prompts)
+    out = run(model, tok, prompts, SamplingParams(temperature=0, max_new_tokens=12))
+    assert all(len(set(g[0].token_ids)) >= 6 for g in out)  # greedy replies are not one repeated token
+    assert len({tuple(g[0].token_ids) for g in out}) == len(prompts)
 
 
 def test_greedy_matches_naive_loop_with_left_padding(model, tok, prompts):
@@ -127,8 +138,10 @@ def test_per_prompt_max_new_tokens_and_finished_rows(model, tok, prompts):
 def test_stop_strings_cut_text(model, tok, prompts):
     free = run(model, tok, prompts[:1], SamplingParams(temperature=0, max_new_tokens=24), tokenizer=tok)[0][0]
     text = free.text
-    assert text and len(text) > 8
-    stop = text[4:7]
+    # A printable stop string from the middle of the reply (a random model also emits broken UTF-8,
+    # whose replacement character only becomes final once the next bytes arrive).
+    start = next(i for i in range(3, len(text) - 2) if text[i : i + 2].isascii() and text[i : i + 2].isprintable())
+    stop = text[start : start + 2]
     cut = text.index(stop)
     params = SamplingParams(temperature=0, max_new_tokens=24, stop=[stop, "\x00never"])
     out = run(model, tok, prompts[:1], params, tokenizer=tok)[0][0]
@@ -165,9 +178,9 @@ def test_logprobs_equal_full_forward(model, tok, prompts, params):
         assert g.logprobs == pytest.approx(expected, abs=1e-4)
 
 
-@pytest.mark.parametrize("stop", [[], ["e"], ["the", "a b"]])
-def test_stream_text_equals_generate_text(model, tok, prompts, stop):
-    params = SamplingParams(temperature=1.0, max_new_tokens=30, seed=8, stop=stop)
+@pytest.mark.parametrize("stop,seed", [([], 8), ([], 9), (["e"], 8), (["the", "a b"], 10), (["an", "t"], 11)])
+def test_stream_text_equals_generate_text(model, tok, prompts, stop, seed):
+    params = SamplingParams(temperature=1.0, max_new_tokens=30, seed=seed, stop=stop)
     g = generate(model, prompts[:1], params, stop_token_ids=stop_token_ids(tok), pad_id=tok.pad_token_id,
                  tokenizer=tok)[0][0]
     it = stream(model, prompts[0], params, stop_token_ids=stop_token_ids(tok), tokenizer=tok)
@@ -265,7 +278,12 @@ def test_absolute_position_model_left_padding(tok):
 def test_finished_rows_are_retired_without_changing_results(model, tok, prompts, monkeypatch):
     calls = []
     real_retire = gen._retire
-    monkeypatch.setattr(gen, "_retire", lambda state, which: calls.append(len(which)) or real_retire(state, which))
+
+    def spy(state, which):
+        calls.append(len(which))
+        return real_retire(state, which)
+
+    monkeypatch.setattr(gen, "_retire", spy)
     params = [SamplingParams(max_new_tokens=3, seed=1),
               SamplingParams(temperature=0.9, max_new_tokens=12, seed=2),
               SamplingParams(temperature=0, max_new_tokens=5)]

@@ -382,8 +382,8 @@ def _row_uniforms(params: list[SamplingParams], seeds: list[int], n: int) -> tor
     out = torch.zeros(len(params), n)
     for r, (p, s) in enumerate(zip(params, seeds, strict=True)):
         if p.temperature > 0:
-            gen = torch.Generator().manual_seed(s)
-            out[r, : p.max_new_tokens] = torch.rand(p.max_new_tokens, generator=gen)
+            g = torch.Generator().manual_seed(s)
+            out[r, : p.max_new_tokens] = torch.rand(p.max_new_tokens, generator=g)
     return out
 
 
