@@ -221,3 +221,16 @@ def test_dpo_config_problems_are_collected():
         check_config(cfg)
     msg = str(e.value)
     assert all(s in msg for s in ("--policy", "--data", "loss.beta", "label_smoothing only applies"))
+
+
+def test_dpo_under_torchrun_two_processes(dpo_setup, tmp_path):
+    model_dir, data = dpo_setup
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           *_dpo_cmd(model_dir, data, out, 4, "train.batch_size=4")[1:]]
+    r = subprocess.run(cmd, env={**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "manifest.json").read_text())["status"] == "completed"
+    state = torch.load(out / "checkpoints" / "step-4" / "state.pt", weights_only=False)
+    assert state["data"]["cursor"] == 4 * 2 * 4, "each rank took its own slice of every global batch"

@@ -319,3 +319,28 @@ def test_ppo_with_critic_adapter_on_one_frozen_base(setup, tmp_path):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").config.hidden_size == 64
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_rl_under_torchrun_two_processes(setup, tmp_path, stage):
+    """Rollouts are sharded: each rank draws its own prompts; only rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+
+    root, model_dir, prompts = setup
+    out = tmp_path / stage
+    sets = [f"policy={model_dir}", f"prompts={prompts}", "reward=keyword:e", "train.max_steps=2",
+            "train.batch_size=4", "rollout.max_new_tokens=8", "train.log_every=1", "log.tensorboard=false",
+            "train.checkpoint_every=2", "train.threads=1"]
+    sets += ["ppo.minibatch_size=2", "ppo.epochs=1"] if stage == "ppo" else ["grpo.group_size=2",
+                                                                           "grpo.minibatch_size=4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           "29541" if stage == "ppo" else "29543", "-m", "chatforge.cli", stage, "--out", str(out),
+           *sum([["--set", s] for s in sets], [])]
+    r = subprocess.run(cmd, env={**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "manifest.json").read_text())["status"] == "completed"
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
