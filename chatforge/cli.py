@@ -34,6 +34,19 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override a config key: --set tr
 ResumeOpt = typer.Option(True, "--resume/--no-resume", help="Resume from the out dir's last checkpoint.")
 
 
+def _data_stage(stage_name: str, cfg_name: str, model_field: str, model: str | None, data: list[str] | None,
+                out: Path, config: Path | None, set_: list[str] | None, resume: bool) -> None:
+    """Shared body of the stages that train one model on data files (sft, rm train, dpo)."""
+    import importlib
+
+    from chatforge import config as config_mod
+
+    cfg = config_mod.load_config(getattr(config_mod, cfg_name), config, set_)
+    setattr(cfg, model_field, model or getattr(cfg, model_field))
+    cfg.data.paths = list(data) if data else cfg.data.paths
+    importlib.import_module(f"chatforge.stages.{stage_name}").run(cfg, out, resume=resume)
+
+
 @data_app.command("prepare")
 def data_prepare(
     inputs: list[Path] = typer.Argument(None, help="Files or dirs (.txt .jsonl .parquet, .gz); none = embedded corpus."),
@@ -150,13 +163,7 @@ def sft(
     resume: bool = ResumeOpt,
 ) -> None:
     """Supervised fine-tuning on conversations; loss on assistant tokens only."""
-    from chatforge.config import SFTConfig, load_config
-    from chatforge.stages import sft as stage
-
-    cfg = load_config(SFTConfig, config, set_)
-    cfg.model = model or cfg.model
-    cfg.data.paths = list(data) if data else cfg.data.paths
-    stage.run(cfg, out, resume=resume)
+    _data_stage("sft", "SFTConfig", "model", model, data, out, config, set_, resume)
 
 
 @app.command()
@@ -258,13 +265,7 @@ def rm_train(
     resume: bool = ResumeOpt,
 ) -> None:
     """Train a reward model on all pairs of each K-wise ranking (InstructGPT's 1/C(K,2) weighting)."""
-    from chatforge.config import RMConfig, load_config
-    from chatforge.stages import rm as stage
-
-    cfg = load_config(RMConfig, config, set_)
-    cfg.model = model or cfg.model
-    cfg.data.paths = list(data) if data else cfg.data.paths
-    stage.run(cfg, out, resume=resume)
+    _data_stage("rm", "RMConfig", "model", model, data, out, config, set_, resume)
 
 
 @rm_app.command("eval")
@@ -306,13 +307,7 @@ def dpo(
     resume: bool = ResumeOpt,
 ) -> None:
     """DPO (sigmoid; IPO via --set loss.type=ipo) on comparisons, K-wise rankings expanded to pairs."""
-    from chatforge.config import DPOConfig, load_config
-    from chatforge.stages import dpo as stage
-
-    cfg = load_config(DPOConfig, config, set_)
-    cfg.policy = policy or cfg.policy
-    cfg.data.paths = list(data) if data else cfg.data.paths
-    stage.run(cfg, out, resume=resume)
+    _data_stage("dpo", "DPOConfig", "policy", policy, data, out, config, set_, resume)
 
 
 @app.command()
