@@ -87,6 +87,19 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg))
 
 
+def prepare_training(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo
+                     ) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any, torch.dtype | None]:
+    """The usual set-up of a one-model stage: (DDP-wrapped, optionally compiled model, AdamW, LR schedule,
+    autocast dtype)."""
+    from chatforge.core.distributed import wrap_ddp
+
+    ddp_model = wrap_ddp(model, info)
+    if cfg.compile:
+        ddp_model = torch.compile(ddp_model)
+    opt = make_optimizer(model.parameters(), cfg, info.device)
+    return ddp_model, opt, make_scheduler(opt, cfg), autocast_dtype(cfg, info.device)
+
+
 def set_threads(cfg: TrainConfig) -> None:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

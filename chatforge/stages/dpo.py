@@ -43,7 +43,6 @@ from chatforge.core.distributed import (
     broadcast_object,
     cleanup_distributed,
     init_distributed,
-    wrap_ddp,
 )
 from chatforge.core.io import UserError, atomic_write
 from chatforge.core.log import print0, warn
@@ -53,8 +52,7 @@ from chatforge.core.run import Run, parent_run_id
 from chatforge.core.train import (
     autocast_dtype,
     lm_step_fn,
-    make_optimizer,
-    make_scheduler,
+    prepare_training,
     set_threads,
     train_loop,
 )
@@ -246,10 +244,7 @@ def run(cfg: DPOConfig, out: Path, resume: bool = True) -> dict:
         n_train = count_params(model, trainable_only=True)
         print0(f"policy: {count_params(model) / 1e6:.2f}M params, {n_train / 1e6:.3f}M trainable"
                f"{' (LoRA)' if cfg.lora.enabled else ''}, loss {cfg.loss.type}, beta {cfg.loss.beta}")
-        ddp_model = wrap_ddp(model, info)
-        opt = make_optimizer(model.parameters(), cfg.train, info.device)
-        sched = make_scheduler(opt, cfg.train)
-        amp = autocast_dtype(cfg.train, info.device)
+        ddp_model, opt, sched, amp = prepare_training(model, cfg.train, info)
         loss_fn, average = make_loss(cfg.loss)
 
         micro_stats: list[dict[str, float]] = []

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from chatforge.config import PretrainConfig, to_dict
-from chatforge.core.distributed import barrier, cleanup_distributed, init_distributed, wrap_ddp
+from chatforge.core.distributed import barrier, cleanup_distributed, init_distributed
 from chatforge.core.io import UserError
 from chatforge.core.log import print0, warn
 from chatforge.core.model import (
@@ -32,10 +32,8 @@ from chatforge.core.model import (
 from chatforge.core.run import Run, parent_run_id
 from chatforge.core.tokenizer import load_tokenizer
 from chatforge.core.train import (
-    autocast_dtype,
     lm_step_fn,
-    make_optimizer,
-    make_scheduler,
+    prepare_training,
     set_threads,
     train_loop,
 )
@@ -124,12 +122,7 @@ def run(cfg: PretrainConfig, out: Path, resume: bool = True) -> dict:
             warn("validation split is smaller than one window; no validation loss")
 
         # ---------------------------------------------------------------- optimizer and loop
-        ddp_model = wrap_ddp(model, info)
-        if cfg.train.compile:
-            ddp_model = torch.compile(ddp_model)
-        opt = make_optimizer(model.parameters(), cfg.train, info.device)
-        sched = make_scheduler(opt, cfg.train)
-        amp = autocast_dtype(cfg.train, info.device)
+        ddp_model, opt, sched, amp = prepare_training(model, cfg.train, info)
 
         def eval_fn() -> dict:
             losses = [lm_loss(ddp_model, b)[0].item() for b in val]

@@ -34,7 +34,6 @@ from chatforge.core.distributed import (
     all_reduce_sum,
     cleanup_distributed,
     init_distributed,
-    wrap_ddp,
 )
 from chatforge.core.io import UserError, atomic_dir
 from chatforge.core.log import print0, warn
@@ -42,10 +41,8 @@ from chatforge.core.model import count_params, resolve_model_path, unwrap
 from chatforge.core.run import Run, parent_run_id
 from chatforge.core.tokenizer import PAD, load_tokenizer, stop_token_ids
 from chatforge.core.train import (
-    autocast_dtype,
     lm_step_fn,
-    make_optimizer,
-    make_scheduler,
+    prepare_training,
     set_threads,
     train_loop,
 )
@@ -245,10 +242,7 @@ def run(cfg: RMConfig, out: Path, resume: bool = True) -> dict:
         # ---------------------------------------------------------------- model and optimizer
         model.to(info.device).train()
         print0(f"reward model: {count_params(model) / 1e6:.2f}M params from {src}")
-        ddp_model = wrap_ddp(model, info)
-        opt = make_optimizer(model.parameters(), cfg.train, info.device)
-        sched = make_scheduler(opt, cfg.train)
-        amp = autocast_dtype(cfg.train, info.device)
+        ddp_model, opt, sched, amp = prepare_training(model, cfg.train, info)
 
         micro_stats: list[dict] = []
 

@@ -17,16 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from chatforge.config import LoraConfig, SFTConfig, to_dict
-from chatforge.core.distributed import cleanup_distributed, init_distributed, wrap_ddp
+from chatforge.core.distributed import cleanup_distributed, init_distributed
 from chatforge.core.io import UserError
 from chatforge.core.log import print0, warn
 from chatforge.core.model import count_params, load_model_and_tokenizer, save_model
 from chatforge.core.run import Run, parent_run_id
 from chatforge.core.train import (
-    autocast_dtype,
     lm_step_fn,
-    make_optimizer,
-    make_scheduler,
+    prepare_training,
     set_threads,
     train_loop,
 )
@@ -95,10 +93,7 @@ def run(cfg: SFTConfig, out: Path, resume: bool = True) -> dict:
         n_train = count_params(model, trainable_only=True)
         print0(f"model: {count_params(model) / 1e6:.2f}M params, {n_train / 1e6:.3f}M trainable"
                f"{' (LoRA)' if cfg.lora.enabled else ''}")
-        ddp_model = wrap_ddp(model, info)
-        opt = make_optimizer(model.parameters(), cfg.train, info.device)
-        sched = make_scheduler(opt, cfg.train)
-        amp = autocast_dtype(cfg.train, info.device)
+        ddp_model, opt, sched, amp = prepare_training(model, cfg.train, info)
 
         def eval_fn() -> dict:
             tot, n = 0.0, 0
