@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from chatforge.config import EvalConfig
 from chatforge.core.io import UserError, atomic_dir, read_jsonl, write_json
 from chatforge.core.log import print0, warn
 from chatforge.core.run import read_manifest
@@ -43,48 +44,6 @@ from chatforge.core.tracking import read_metrics
 
 ReplyFn = Callable[[Any, Any, list[dict]], tuple[list[str], list[str]]]
 LINEAGE_MAX = 12  # run dirs followed back from a model
-
-
-@dataclass
-class EvalConfig:
-    """`chatforge eval` settings; defaults keep a CPU run to a minute or two for a small model."""
-
-    model: str = ""
-    """The model to evaluate (run dir, HF dir or model name)."""
-    baselines: list[str] = field(default_factory=list)
-    """Models to compare against; the first is "the" baseline for bias deltas."""
-    reward: str | None = None
-    """Reward model: scores replies, judges win rates, and is evaluated on `comparisons`."""
-    judge: str = "rule"
-    """Win-rate judge: a labeler spec (rule, panel:rule*5:temperature=0.5, judge:base_url=...), rm or none."""
-    data_dir: str | None = None
-    """Prepared data dir for held-out LM loss (default: the one in the model's lineage)."""
-    sft_data: str | None = None
-    """SFT validation conversations: tasks:N (held-out demonstrations) or a conversation file."""
-    comparisons: list[str] = field(default_factory=list)
-    """Held-out comparison files for RM accuracy."""
-    prompts: str = "tasks-heldout:10"
-    """Eval prompts: tasks-heldout:N[:SEED] or a prompt JSONL."""
-    train_prompts: list[str] = field(default_factory=list)
-    """Extra training prompt specs to check eval prompts against (manifests are read automatically)."""
-    previous: str | None = None
-    """The previous round's report dir: linked, and its headline numbers compared."""
-    bias: bool = True
-    bias_max_examples: int = 40
-    """Winogender triples and BBQ examples per model (deterministic subsample; 0 = all)."""
-    bias_bold_per_group: int = 2
-    """BOLD prompts per group (the generating probe)."""
-    bias_new_tokens: int = 32
-    max_new_tokens: int = 48
-    temperature: float = 0.0
-    batch_size: int = 16
-    lm_batches: int = 8
-    """Batches of val windows for the held-out LM loss."""
-    seq_len: int = 256
-    n_boot: int = 1000
-    samples: int = 6
-    """Example prompts shown with every model's reply."""
-    seed: int = 0
 
 
 @dataclass
