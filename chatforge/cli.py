@@ -345,11 +345,13 @@ def bench(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o"),
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes (what the test suite runs)."),
+    base: str | None = typer.Option(None, "--base", help="Start from this pretrained chat model (name, HF dir or "
+                                    "hub id, e.g. smollm2-135m-instruct) instead of pretraining: LoRA SFT, RM, PPO."),
 ) -> None:
     """The pipeline on embedded data, CPU only."""
     from chatforge.stages import demo as stage
 
-    stage.run(out, quick=quick)
+    stage.run(out, quick=quick, base=base)
 
 
 registry_app = typer.Typer(no_args_is_help=True, help="Model versions with lineage.")

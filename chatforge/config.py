@@ -381,6 +381,8 @@ class RMConfig:
     data: RMDataConfig = field(default_factory=RMDataConfig)
     loss: RMLossConfig = field(default_factory=RMLossConfig)
     norm: RMNormConfig = field(default_factory=RMNormConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA on the trunk (the score head trains in full); the saved model/ has the adapters merged in."""
     log: LogConfig = field(default_factory=LogConfig)
 
 

@@ -72,7 +72,7 @@ def test_rollout_logprobs_match_engine_and_reference_at_start(setup, tiny_tokeni
 
 
 def test_lora_reference_is_the_base_model(tiny_tokenizer, tiny_model_factory):
-    from chatforge.stages.sft import apply_lora
+    from chatforge.core.model import apply_lora
 
     tok = tiny_tokenizer
     base = tiny_model_factory(tok)

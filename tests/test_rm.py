@@ -328,3 +328,21 @@ def test_bad_comparison_names_file_and_line(rm_setup, tmp_path, case):
     with pytest.raises(DataError, match=f"{bad}:2: .*{BAD[case][1]}"):
         rm.run(cfg, out)
     assert not out.exists()
+
+
+def test_lora_rm_trains_adapters_and_head_and_saves_merged(rm_setup, tmp_path):
+    from safetensors.torch import load_file
+
+    from chatforge.stages import rm
+
+    base, data = rm_setup
+    out = tmp_path / "lora-rm"
+    cfg = load_config(RMConfig, None, [f"model={base}", f"data.paths={data}", *_sets(30), "lora.enabled=true",
+                                       "lora.r=4", "lora.alpha=8", "train.lr=1e-2"])
+    res = rm.run(cfg, out, resume=False)
+    assert res["val_accuracy"] >= 0.7, res  # adapters + head learn the synthetic preference
+    saved = load_file(out / "model" / "model.safetensors")
+    assert not any("lora" in k for k in saved)  # merged: a plain HF sequence classifier, no peft needed
+    before = load_file(base / "model.safetensors")
+    name = next(k for k in before if k.endswith("q_proj.weight"))
+    assert not torch.equal(saved[name], before[name])  # the adapters were merged into the frozen weights

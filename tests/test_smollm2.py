@@ -149,9 +149,8 @@ def test_renderer_masks_exactly_assistant_turns(which, tiny_tokenizer, smol):
 def test_lora_sft_step_and_merged_export(smol, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from chatforge.core.model import save_model
+    from chatforge.core.model import apply_lora, save_model
     from chatforge.data.sft_data import collate, pack, render_examples, sft_loss
-    from chatforge.stages.sft import apply_lora
 
     base, tok = smol
     model = apply_lora(_trainable_copy(base), LORA)
@@ -239,9 +238,9 @@ def _ppo_update(policy, critic, ro, logprobs, ref_logprobs, values, scores, cfg,
 
 
 def test_ppo_step_with_lora_reference_is_adapters_off(smol):
+    from chatforge.core.model import apply_lora
     from chatforge.core.rollout import reference_logprobs, rollout_logprobs
     from chatforge.stages.ppo import ValueHead, rollout_values
-    from chatforge.stages.sft import apply_lora
 
     base, tok = smol
     policy = apply_lora(_trainable_copy(base), LORA)

@@ -35,20 +35,11 @@ from typing import Any
 import torch
 
 from chatforge.config import LoraConfig
+from chatforge.core.model import peft_lora_config
 
 ADAPTERS = ("policy", "critic", "reward")
 ROLES = ("policy", "reference", "critic", "reward")
 HEADS = ("critic", "reward")
-
-
-def _peft_lora(cfg: LoraConfig) -> Any:
-    from peft import LoraConfig as PeftLora
-
-    targets: Any = cfg.target_modules
-    if targets != "all-linear":
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    return PeftLora(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                    task_type="CAUSAL_LM")
 
 
 class SharedBase(torch.nn.Module):
@@ -70,10 +61,10 @@ class SharedBase(torch.nn.Module):
                              f"got adapters={adapters} trainable={trainable}")
         self.adapters, self.trainable = tuple(adapters), set(trainable)
         torch.manual_seed(seed)  # LoRA A matrices are drawn at random
-        self.model = get_peft_model(base, _peft_lora(lora), adapter_name="policy")
+        self.model = get_peft_model(base, peft_lora_config(lora), adapter_name="policy")
         for name in adapters:
             if name != "policy":
-                self.model.add_adapter(name, _peft_lora(lora))
+                self.model.add_adapter(name, peft_lora_config(lora))
         hidden = base.config.get_text_config().hidden_size
         self.heads = torch.nn.ModuleDict({h: torch.nn.Linear(hidden, 1) for h in HEADS if h in adapters})
         g = torch.Generator().manual_seed(seed)

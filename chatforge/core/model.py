@@ -96,15 +96,38 @@ def unwrap(model: Any) -> Any:
             return model
 
 
-def save_model(model: Any, tok: Any, out_dir: Path) -> None:
-    """save_pretrained (safetensors) + tokenizer, atomically: loadable with plain transformers."""
+def peft_lora_config(cfg: Any, task_type: str = "CAUSAL_LM") -> Any:
+    """A peft LoraConfig from our LoraConfig (`target_modules` "all-linear" or a comma list)."""
+    from peft import LoraConfig as PeftLora
+
+    targets: Any = cfg.target_modules
+    if targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    return PeftLora(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                    task_type=task_type)
+
+
+def apply_lora(model: Any, cfg: Any, task_type: str = "CAUSAL_LM") -> Any:
+    """Wrap `model` with LoRA adapters (peft); only adapter weights (and, for SEQ_CLS, the score head) train."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_lora_config(cfg, task_type))
+
+
+def merged(model: Any) -> Any:
+    """The plain HF model to save: a peft wrapper's adapters merged in (a copy), anything else as is."""
     bare = unwrap(model)
     if hasattr(bare, "merge_and_unload") and hasattr(bare, "peft_config"):
         import copy
 
         bare = copy.deepcopy(bare).merge_and_unload()  # final model/ loads with no peft import
+    return bare
+
+
+def save_model(model: Any, tok: Any, out_dir: Path) -> None:
+    """save_pretrained (safetensors) + tokenizer, atomically: loadable with plain transformers."""
     with atomic_dir(out_dir) as tmp:
-        bare.save_pretrained(tmp, safe_serialization=True)
+        merged(model).save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
 
 

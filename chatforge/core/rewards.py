@@ -13,6 +13,9 @@ exactly what the policy produced (including special tokens the text path would d
 
     RUN_DIR | HF_DIR | NAME   a reward model from `chatforge rm train` (normalised with its reward_norm.json)
     tasks                     the task-suite checkers: correctness in [0, 1] (prompts must be suite prompts)
+    rule                      the simulated `rule` labeler's utility with no noise (correctness, format, clean
+                              ending, brevity): the oracle an RM trained on that panel approximates, i.e. an
+                              upper bound for RLHF with that panel
     keyword:WORD[,WORD...]    toy: +1 per occurrence of each keyword (substring) in the reply (tests, demos)
 """
 
@@ -103,6 +106,17 @@ class TaskReward:
         return out
 
 
+class RuleReward:
+    """The `rule` labeler's noise-free utility (`stages.label.rule_utility`) as a reward."""
+
+    name = "rule"
+
+    def score(self, prompts: list[dict], replies: list[str]) -> list[float]:
+        from chatforge.stages.label import rule_utility
+
+        return [float(rule_utility(p, r)) for p, r in zip(prompts, replies, strict=True)]
+
+
 class KeywordReward:
     """Toy reward: `per_hit` for every case-insensitive occurrence of each keyword (a substring) in the reply.
 
@@ -123,9 +137,11 @@ class KeywordReward:
 def make_reward_source(spec: str, device: torch.device | str = "cpu", batch_size: int = 16) -> RewardSource:
     """Build the reward source named by a `--reward` spec (see the module docstring)."""
     if not spec:
-        raise UserError("a reward is required: --reward RM_RUN|tasks|keyword:WORD")
+        raise UserError("a reward is required: --reward RM_RUN|tasks|rule|keyword:WORD")
     if spec == "tasks":
         return TaskReward()
+    if spec == "rule":
+        return RuleReward()
     if spec.startswith("keyword:"):
         return KeywordReward([k for k in spec[len("keyword:"):].split(",") if k])
     return RMReward(spec, device, batch_size)

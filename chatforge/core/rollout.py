@@ -41,7 +41,7 @@ def load_policy(spec: str, lora: LoraConfig, device: torch.device) -> tuple[Any,
     """(policy, tokenizer, source dir): the model to train, LoRA-wrapped when `lora.enabled`, in train mode."""
     model, tok, src = load_model_and_tokenizer(spec)
     if lora.enabled:
-        from chatforge.stages.sft import apply_lora
+        from chatforge.core.model import apply_lora
 
         model = apply_lora(model, lora)
     return model.to(device).train(), tok, src

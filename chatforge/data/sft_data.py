@@ -55,7 +55,8 @@ class RenderStats:
 
 
 def load_conversations(specs: list[str]) -> list[dict]:
-    """Conversation dicts from data specs: a JSONL path, `embedded:NAME`, or `tasks:N` (N demos per family)."""
+    """Conversation dicts from data specs: a JSONL path, `embedded:NAME[:N]` (the first N records), or
+    `tasks:N` (N demos per family)."""
     from chatforge.data.convert import load_conversations as read_any
 
     convs: list[dict] = []
@@ -69,14 +70,18 @@ def load_conversations(specs: list[str]) -> list[dict]:
                 raise UserError(f"data spec '{spec}': expected tasks:N (demonstrations per family)") from None
             convs += demonstrations(n_per_family=n, seed=0, split="train")
             continue
+        limit = None
         if spec.startswith("embedded:"):
             from chatforge.data.embedded import embedded_path
 
-            path = embedded_path(spec.split(":", 1)[1])
+            name, _, n = spec.split(":", 1)[1].partition(":")
+            if n and not n.isdigit():
+                raise UserError(f"data spec '{spec}': expected embedded:NAME or embedded:NAME:N")
+            path, limit = embedded_path(name), int(n) if n else None
         else:
             path = Path(spec)
         records, _ = read_any(path)  # chatforge, OpenAI, TRL, HH, OASST or self-instruct files
-        convs += [c.to_dict() if hasattr(c, "to_dict") else c for c in records]
+        convs += [c.to_dict() if hasattr(c, "to_dict") else c for c in records[:limit]]
     if not convs:
         raise UserError("no conversations to train on (give --data PATH, embedded:NAME or tasks:N)")
     return convs

@@ -7,6 +7,11 @@ as judge. Ends with a table: SFT vs each round on task accuracy, win rate with 9
 
 Everything lands under OUT (default runs/demo/); each stage is a run dir, and re-running the demo
 resumes or skips stages that already finished. `--quick` uses tiny sizes (what the tests run).
+
+`--base MODEL` (e.g. smollm2-135m-instruct) is the transfer-learning version: no corpus or pretraining;
+LoRA SFT of that chat model on task-suite plus embedded human demonstrations → one round of sample K →
+panel → LoRA reward model → PPO (LoRA policy, value head on the policy's trunk) → eval against the SFT
+model and against the untouched base.
 """
 
 from __future__ import annotations
@@ -39,6 +44,13 @@ class DemoSizes:
     ppo_prompts_per_family: int = 16
     ppo_lr: float = 1e-4
     reply_tokens: int = 24
+    human_demos: int = 0
+    """Embedded OpenAssistant demonstrations added to the task-suite ones (the --base demo)."""
+    sft_lr: float = 2e-3
+    rm_lr: float = 3e-4
+    kl_coef: float = 0.05
+    lora: bool = False
+    """LoRA for SFT, RM and PPO (policy; the value head sits on the policy's trunk), as for a real base model."""
 
 
 FULL = DemoSizes(depth=4, pretrain_steps=200, sft_steps=500, demos_per_family=400, eval_per_family=25,
@@ -46,6 +58,15 @@ FULL = DemoSizes(depth=4, pretrain_steps=200, sft_steps=500, demos_per_family=40
 QUICK = DemoSizes(depth=1, pretrain_steps=20, sft_steps=30, demos_per_family=20, eval_per_family=2,
                   sample_prompts_per_family=2, k=2, seq_len=64, batch_size=8, rm_steps=4, ppo_steps=2,
                   ppo_batch=4, ppo_prompts_per_family=1, reply_tokens=8)
+# SmolLM2-135M-Instruct on 2 CPU cores: sized to finish in well under an hour (BENCHMARKS.md has the run)
+BASE = DemoSizes(depth=0, pretrain_steps=0, sft_steps=40, demos_per_family=40, eval_per_family=25,
+                 sample_prompts_per_family=16, k=4, seq_len=256, batch_size=8, rounds=1, rm_steps=32,
+                 ppo_steps=20, ppo_batch=16, ppo_prompts_per_family=16, ppo_lr=2e-4, reply_tokens=32,
+                 human_demos=32, sft_lr=5e-4, rm_lr=5e-4, lora=True)
+BASE_QUICK = DemoSizes(depth=0, pretrain_steps=0, sft_steps=6, demos_per_family=4, eval_per_family=1,
+                       sample_prompts_per_family=1, k=2, seq_len=128, batch_size=4, rounds=1, rm_steps=2,
+                       ppo_steps=2, ppo_batch=4, ppo_prompts_per_family=1, reply_tokens=8, human_demos=2,
+                       sft_lr=1e-3, lora=True)
 
 
 def _done(run_dir: Path) -> bool:
@@ -57,14 +78,10 @@ def _stage(title: str) -> None:
     console.rule(f"[bold]{title}")
 
 
-def run(out: Path, quick: bool = False) -> dict:
+def _pretrain(out: Path, sizes: DemoSizes, quick: bool, timings: dict[str, float]) -> Path:
+    """Steps 1-2 of the from-scratch demo: the embedded corpus prepared, a small Llama pretrained on it."""
     from chatforge.data.corpus import PrepareConfig, prepare
-    from chatforge.stages import pretrain, sft
-
-    sizes = QUICK if quick else FULL
-    out = Path(out)
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+    from chatforge.stages import pretrain
 
     _stage("1/5 prepare the embedded corpus (clean, dedup, split, tokenizer, shards)")
     t = time.perf_counter()
@@ -85,6 +102,25 @@ def run(out: Path, quick: bool = False) -> dict:
             f"train.eval_every={max(10, sizes.pretrain_steps // 2)}", "train.warmup_steps=10"])
         pretrain.run(cfg, base)
     timings["pretrain"] = time.perf_counter() - t
+    return base
+
+
+def run(out: Path, quick: bool = False, base: str | None = None) -> dict:
+    """The whole recipe into `out`; `base` = a pretrained chat model to start from instead of pretraining."""
+    from chatforge.stages import sft
+
+    sizes = (BASE_QUICK if quick else BASE) if base else (QUICK if quick else FULL)
+    out = Path(out)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    if base:
+        from chatforge.core.model import resolve_model_path
+
+        _stage(f"1-2/5 start from the pretrained chat model {base} (no corpus, no pretraining)")
+        start: str = str(resolve_model_path(base))
+    else:
+        start = str(_pretrain(out, sizes, quick, timings))
+    lora = ["lora.enabled=true"] if sizes.lora else []
 
     _stage("3/5 supervised fine-tuning on demonstrations (task suite + human-written)")
     t = time.perf_counter()
@@ -93,9 +129,12 @@ def run(out: Path, quick: bool = False) -> dict:
         cfg = load_config(SFTConfig, None, [
             f"train.max_steps={sizes.sft_steps}", f"train.seq_len={sizes.seq_len}",
             f"train.batch_size={sizes.batch_size}", f"train.checkpoint_every={max(10, sizes.sft_steps // 2)}",
-            f"train.eval_every={max(10, sizes.sft_steps // 2)}", "train.lr=2e-3", "train.warmup_steps=20"])
-        cfg.model = str(base)
+            f"train.eval_every={max(10, sizes.sft_steps // 2)}", f"train.lr={sizes.sft_lr}",
+            f"train.warmup_steps={min(20, sizes.sft_steps // 5)}", *lora])
+        cfg.model = start
         cfg.data.paths = [f"tasks:{sizes.demos_per_family}"]
+        if sizes.human_demos:
+            cfg.data.paths.append(f"embedded:sft/oasst-best:{sizes.human_demos}")
         sft.run(cfg, sft_dir)
     timings["sft"] = time.perf_counter() - t
 
@@ -109,12 +148,16 @@ def run(out: Path, quick: bool = False) -> dict:
         f"sample_max_new_tokens={sizes.reply_tokens}", f"eval_max_new_tokens={sizes.reply_tokens}",
         f"eval_prompts=tasks-heldout:{sizes.eval_per_family}:1", f"algo_prompts=tasks:{sizes.ppo_prompts_per_family}"])
     lcfg.sft, lcfg.out = str(sft_dir), str(out / "loop")
+    lcfg.baseline = start if base else None
     lcfg.rm_set = [f"train.max_steps={sizes.rm_steps}", "train.batch_size=8", f"train.seq_len={sizes.seq_len}",
-                   "train.eval_every=0", f"train.checkpoint_every={sizes.rm_steps}", "train.lr=3e-4"]
+                   "train.eval_every=0", f"train.checkpoint_every={sizes.rm_steps}", f"train.lr={sizes.rm_lr}", *lora,
+                   # a real model costs ~100x more per token: train on each task's panel consensus once
+                   *(["data.aggregate=bradley_terry"] if base else [])]
     lcfg.algo_set = [f"train.max_steps={sizes.ppo_steps}", f"train.batch_size={sizes.ppo_batch}",
                      f"train.checkpoint_every={sizes.ppo_steps}", f"train.lr={sizes.ppo_lr}",
                      f"rollout.max_new_tokens={sizes.reply_tokens}", "ppo.epochs=2",
-                     f"ppo.minibatch_size={max(2, sizes.ppo_batch // 2)}", "ppo.kl_coef=0.05"]
+                     f"ppo.minibatch_size={max(2, sizes.ppo_batch // 2)}", f"ppo.kl_coef={sizes.kl_coef}", *lora,
+                     *(["critic.shared=true", "critic.lr=1e-3"] if sizes.lora else [])]
     loop_summary = run_loop(lcfg)
     timings["rlhf_rounds"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
@@ -122,25 +165,41 @@ def run(out: Path, quick: bool = False) -> dict:
     _stage("5/5 results: SFT vs each round on held-out prompts (simulated panel as judge)")
     from rich.table import Table
 
+    def ci(wr: dict) -> str:
+        return f"{wr['win_rate']:.2f} ({wr['ci_wilson'][0]:.2f}-{wr['ci_wilson'][1]:.2f})"
+
     table = Table(title="held-out task-suite prompts, greedy replies")
-    for col in ("model", "task accuracy", "win rate vs SFT (95% CI)", "KL to SFT"):
+    cols = ["model", "task accuracy", "win rate vs SFT (95% CI)", "KL to SFT"] + (
+        [f"win rate vs {Path(base).name} (95% CI)"] if base else [])
+    for col in cols:
         table.add_column(col, justify="right" if col != "model" else "left")
-    first = loop_summary["rounds"][0]["vs_sft"]
-    table.add_row("SFT", f"{first['accuracy_baseline']['all']['accuracy']:.3f}", "-", "0")
-    rows = [{"model": "sft", "accuracy": first["accuracy_baseline"]["all"]["accuracy"]}]
+    first = loop_summary["rounds"][0]
+    rows = []
+    if base:
+        vb = first["sft_vs_baseline"]
+        table.add_row(f"{Path(base).name} (untouched)", f"{vb['accuracy_baseline']['all']['accuracy']:.3f}", "-", "-", "-")
+        rows.append({"model": base, "accuracy": vb["accuracy_baseline"]["all"]["accuracy"]})
+    sft_row = ["SFT", f"{first['vs_sft']['accuracy_baseline']['all']['accuracy']:.3f}", "-", "0"]
+    table.add_row(*sft_row, *([ci(first["sft_vs_baseline"]["win_rate"])] if base else []))
+    rows.append({"model": "sft", "accuracy": first["vs_sft"]["accuracy_baseline"]["all"]["accuracy"],
+                 **({"win_rate_vs_base": first["sft_vs_baseline"]["win_rate"]["win_rate"],
+                     "ci_vs_base": first["sft_vs_baseline"]["win_rate"]["ci_wilson"]} if base else {})})
     for res in loop_summary["rounds"]:
         v = res["vs_sft"]
         wr = v["win_rate"]
         kl = res["policy_metrics"].get("final_kl", res["policy_metrics"].get("objective/kl"))
-        table.add_row(f"round {res['round']}", f"{v['accuracy_model']['all']['accuracy']:.3f}",
-                      f"{wr['win_rate']:.2f} ({wr['ci_wilson'][0]:.2f}-{wr['ci_wilson'][1]:.2f})",
-                      "-" if kl is None else f"{kl:.2f}")
+        table.add_row(f"round {res['round']}", f"{v['accuracy_model']['all']['accuracy']:.3f}", ci(wr),
+                      "-" if kl is None else f"{kl:.2f}", *([ci(res["vs_baseline"]["win_rate"])] if base else []))
         rows.append({"model": f"round-{res['round']}", "accuracy": v["accuracy_model"]["all"]["accuracy"],
-                     "win_rate_vs_sft": wr["win_rate"], "ci": wr["ci_wilson"], "kl": kl})
+                     "win_rate_vs_sft": wr["win_rate"], "ci": wr["ci_wilson"], "kl": kl,
+                     **({"win_rate_vs_base": res["vs_baseline"]["win_rate"]["win_rate"],
+                         "ci_vs_base": res["vs_baseline"]["win_rate"]["ci_wilson"]} if base else {})})
     console.print(table)
-    summary = {"out": str(out), "quick": quick, "timings_s": {k: round(v, 1) for k, v in timings.items()},
-               "table": rows, "artifacts": {
-                   "data": str(data_dir), "pretrained": str(base / "model"), "sft": str(sft_dir / "model"),
+    pretrained = start if base else str(Path(start) / "model")
+    summary = {"out": str(out), "quick": quick, "base": base,
+               "timings_s": {k: round(v, 1) for k, v in timings.items()}, "table": rows, "artifacts": {
+                   **({} if base else {"data": str(out / "data")}), "pretrained": pretrained,
+                   "sft": str(sft_dir / "model"),
                    "rounds": [str(out / "loop" / f"round-{r['round']}") for r in loop_summary["rounds"]]}}
     (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     console.print("artifacts: " + ", ".join(f"{k}={v}" for k, v in summary["artifacts"].items()))

@@ -46,7 +46,7 @@ from chatforge.core.distributed import (
 )
 from chatforge.core.io import UserError, atomic_write
 from chatforge.core.log import print0, warn
-from chatforge.core.model import count_params, load_model_and_tokenizer, save_model
+from chatforge.core.model import apply_lora, count_params, load_model_and_tokenizer, save_model
 from chatforge.core.rl import DPO_AVERAGE_LOGPS, DPOLossFn, get_dpo_loss
 from chatforge.core.run import Run, parent_run_id
 from chatforge.core.train import (
@@ -237,7 +237,6 @@ def run(cfg: DPOConfig, out: Path, resume: bool = True) -> dict:
         val_batches = [collate(my_val[i: i + cfg.train.batch_size], pad, cfg.data.layout, info.device)
                        for i in range(0, len(my_val), cfg.train.batch_size)]
         if cfg.lora.enabled:
-            from chatforge.stages.sft import apply_lora
 
             model = apply_lora(model, cfg.lora)
         model.train()

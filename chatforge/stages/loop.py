@@ -59,6 +59,9 @@ class LoopConfig:
     report: bool = True
     """Write each round's full `chatforge eval` report (round-N/report/), linked to the previous one."""
     report_bias: bool = True
+    baseline: str | None = None
+    """Another model (e.g. the untouched pretrained chat model the SFT started from): each round also judges
+    its policy, and the SFT model, against it (eval.json: vs_baseline, sft_vs_baseline)."""
 
 
 def _done(run_dir: Path) -> bool:
@@ -213,6 +216,10 @@ def run(cfg: LoopConfig) -> dict:
                                                              cfg.eval_max_new_tokens, cache),
                    "vs_sft": compare_models(str(pol_dir), cfg.sft, eval_prompts, cfg.judge,
                                             cfg.eval_max_new_tokens, cache),
+                   **({"vs_baseline": compare_models(str(pol_dir), cfg.baseline, eval_prompts, cfg.judge,
+                                                     cfg.eval_max_new_tokens, cache),
+                       "sft_vs_baseline": compare_models(cfg.sft, cfg.baseline, eval_prompts, cfg.judge,
+                                                         cfg.eval_max_new_tokens, cache)} if cfg.baseline else {}),
                    "policy_metrics": {**(read_manifest(pol_dir) or {}).get("metrics", {}),
                                       "final_kl": _final_kl(pol_dir)},
                    "previous_round": str(out / f"round-{r - 1}" / "eval.json") if r > 1 else None}

@@ -58,7 +58,7 @@ from chatforge.core.distributed import (
 )
 from chatforge.core.io import UserError
 from chatforge.core.log import print0
-from chatforge.core.model import count_params, save_model, unwrap
+from chatforge.core.model import apply_lora, count_params, save_model, unwrap
 from chatforge.core.rewards import RewardSource, RMReward, make_reward_source, same_token_ids, score_rollout
 from chatforge.core.rl import (
     AdaptiveKLController,
@@ -172,14 +172,7 @@ def load_critic(cfg: PPOConfig, policy: Any, tok: Any, src: Path, reward: Reward
     if source == "policy":
         torch.nn.init.zeros_(model.score.weight)
     if cfg.lora.enabled:
-        from peft import LoraConfig as PeftLora
-        from peft import get_peft_model
-
-        targets: Any = cfg.lora.target_modules
-        if targets != "all-linear":
-            targets = [t.strip() for t in targets.split(",") if t.strip()]
-        model = get_peft_model(model, PeftLora(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                               target_modules=targets, task_type="SEQ_CLS"))
+        model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
     return TokenValueModel(model).to(device).train(), f"separate critic from the {source} ({path})"
 
 

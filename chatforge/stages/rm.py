@@ -37,7 +37,7 @@ from chatforge.core.distributed import (
 )
 from chatforge.core.io import UserError, atomic_dir
 from chatforge.core.log import print0, warn
-from chatforge.core.model import count_params, resolve_model_path, unwrap
+from chatforge.core.model import apply_lora, count_params, merged, resolve_model_path, unwrap
 from chatforge.core.run import Run, parent_run_id
 from chatforge.core.tokenizer import PAD, load_tokenizer, stop_token_ids
 from chatforge.core.train import (
@@ -147,7 +147,7 @@ def init_reward_model(spec: str, seed: int) -> tuple[Any, Any, Path]:
 def save_reward_model(model: Any, tok: Any, norm: RewardNorm, out_dir: Path) -> None:
     """save_pretrained + tokenizer + reward_norm.json, swapped into place as one directory."""
     with atomic_dir(out_dir) as tmp:
-        unwrap(model).save_pretrained(tmp, safe_serialization=True)
+        merged(model).save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / REWARD_NORM_FILE).write_text(json.dumps(asdict(norm), indent=2) + "\n", encoding="utf-8")
 
@@ -240,8 +240,11 @@ def run(cfg: RMConfig, out: Path, resume: bool = True) -> dict:
         has_val = bool(val_ex)  # the same on every rank: ranks without a val batch still join the reduce
 
         # ---------------------------------------------------------------- model and optimizer
+        if cfg.lora.enabled:
+            model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")  # peft keeps `score` fully trainable
         model.to(info.device).train()
-        print0(f"reward model: {count_params(model) / 1e6:.2f}M params from {src}")
+        print0(f"reward model: {count_params(model) / 1e6:.2f}M params ({count_params(model, True) / 1e6:.3f}M "
+               f"trainable) from {src}{' (LoRA)' if cfg.lora.enabled else ''}")
         ddp_model, opt, sched, amp = prepare_training(model, cfg.train, info)
 
         micro_stats: list[dict] = []
@@ -283,7 +286,7 @@ def run(cfg: RMConfig, out: Path, resume: bool = True) -> dict:
         fingerprint = {"model": str(src), "data_sha256": data_hash[:16], "examples": len(train_ex),
                        "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
                        "world_size": info.world_size, "mode": cfg.loss.mode, "margin_scale": cfg.loss.margin_scale,
-                       "tie_weight": cfg.loss.tie_weight}
+                       "tie_weight": cfg.loss.tie_weight, "lora": cfg.lora.enabled}
         state = train_loop(
             run_, cfg.train, step_fn=step_fn,
             modules={"model": model}, stateful={"optimizer": opt, "scheduler": sched, "data": loader},

@@ -14,13 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
-from chatforge.config import LoraConfig, SFTConfig, to_dict
+from chatforge.config import SFTConfig, to_dict
 from chatforge.core.distributed import cleanup_distributed, init_distributed
 from chatforge.core.io import UserError
 from chatforge.core.log import print0, warn
-from chatforge.core.model import count_params, load_model_and_tokenizer, save_model
+from chatforge.core.model import apply_lora, count_params, load_model_and_tokenizer, save_model
 from chatforge.core.run import Run, parent_run_id
 from chatforge.core.train import (
     lm_step_fn,
@@ -38,19 +37,6 @@ from chatforge.data.sft_data import (
     split_train_val,
     token_losses,
 )
-
-
-def apply_lora(model: Any, cfg: LoraConfig) -> Any:
-    """Wrap `model` with LoRA adapters (peft); only adapter weights train."""
-    from peft import LoraConfig as PeftLora
-    from peft import get_peft_model
-
-    targets: Any = cfg.target_modules
-    if targets != "all-linear":
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    peft_cfg = PeftLora(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                        task_type="CAUSAL_LM")
-    return get_peft_model(model, peft_cfg)
 
 
 def run(cfg: SFTConfig, out: Path, resume: bool = True) -> dict:
