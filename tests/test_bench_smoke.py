@@ -54,3 +54,19 @@ def test_bench_ppo_reports_a_failing_trl_runner(monkeypatch, tmp_path):
     monkeypatch.setattr(ppo, "TRL_PYTHON", fake)
     with pytest.raises(RuntimeError, match="exit 3.*No module named trl"):
         ppo.bench_trl(tmp_path, 2, 1, 1, 4, 1, 1, 1, 1e-5)
+
+
+def test_bench_model_quick_on_a_model_dir(tiny_tokenizer, tiny_model_factory, tmp_path):
+    """`bench model` on any HF dir: engine vs generate, full and LoRA SFT, LoRA RM and PPO all measured."""
+    from helpers import save_tiny_model
+
+    from chatforge.bench import model as model_bench
+
+    path = save_tiny_model(tmp_path / "m", tiny_tokenizer, tiny_model_factory)
+    res = model_bench.run(quick=True, model_path=str(path), threads=1)
+    g = res["generate"]["batch_2"]
+    assert g["hf_tokens_per_sec"] > 0 and g["chatforge_tokens_per_sec"] > 0 and g["compiled_tokens_per_sec"] > 0
+    for key in ("sft_full", "sft_lora"):
+        assert res[key]["tokens_per_sec"] > 0 and 0 < res[key]["mfu"] < 1 and math.isfinite(res[key]["final_loss"])
+    assert res["rm_lora"]["pairs_per_sec"] > 0 and 0 < res["rm_lora"]["mfu"] < 1
+    assert res["ppo_lora"]["seconds_per_iteration"] > 0 and res["ppo_lora"]["mean_reply_tokens"] > 0

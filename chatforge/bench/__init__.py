@@ -11,10 +11,19 @@ import importlib
 from chatforge.core.io import UserError
 
 STAGES = {"pretrain": "chatforge.bench.pretrain", "generate": "chatforge.bench.generate", "rm": "chatforge.bench.rm",
-          "dpo": "chatforge.bench.dpo", "sft": "chatforge.bench.sft", "ppo": "chatforge.bench.ppo"}
+          "dpo": "chatforge.bench.dpo", "sft": "chatforge.bench.sft", "ppo": "chatforge.bench.ppo",
+          "model": "chatforge.bench.model"}
 
 
-def run_bench(stage: str, quick: bool = False) -> dict:
+def run_bench(stage: str, quick: bool = False, **options: object) -> dict:
+    """Run one stage's benchmark; `options` (None values ignored) go to its `run` when it takes them."""
+    import inspect
+
     if stage not in STAGES:
         raise UserError(f"unknown bench stage '{stage}'; choose from {', '.join(STAGES)}")
-    return importlib.import_module(STAGES[stage]).run(quick=quick)
+    fn = importlib.import_module(STAGES[stage]).run
+    given = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(given) - set(inspect.signature(fn).parameters))
+    if unknown:
+        raise UserError(f"bench {stage} does not take {', '.join('--' + k.replace('_', '-') for k in unknown)}")
+    return fn(quick=quick, **given)

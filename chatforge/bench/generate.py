@@ -5,7 +5,9 @@ ratio holds on a noisy shared machine. Default model: the default from-scratch L
 width 256, ~6.3M params with a 4096 vocab, random weights), fp32. Prompts have mixed lengths (left
 padding for both). No stop ids, and HF gets `min_new_tokens`, so every row makes exactly
 `new_tokens` tokens. Both sample from the plain temperature-1 distribution (HF's default top_k=50 is
-switched off) unless top_k/top_p are given, which then apply to both.
+switched off) unless top_k/top_p are given, which then apply to both. The engine runs twice: eager
+(the default everywhere) and with `compile=True` (decode steps as one torch.compile'd graph; its
+one-off compile time is reported apart and not counted in tokens/s).
 
     python -m chatforge.bench.generate            # or: chatforge bench generate
 """
@@ -81,11 +83,14 @@ def run(quick: bool = False, model_path: str | None = None, batch: int = 8, new_
                              pad_token_id=pad_id)
         return (out.shape[1] - hf_in["input_ids"].shape[1]) * batch
 
-    def ours(seed: int) -> int:
+    def ours(seed: int, compile: bool = False) -> int:
         params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, max_new_tokens=new_tokens,
                                 seed=seed)
-        out = generate(model, prompts, params, stop_token_ids=[], pad_id=pad_id)
+        out = generate(model, prompts, params, stop_token_ids=[], pad_id=pad_id, compile=compile)
         return sum(len(g[0].token_ids) for g in out)
+
+    def ours_compiled(seed: int) -> int:
+        return ours(seed, compile=True)
 
     def timed(fn: Any, *args: Any) -> tuple[float, float, int]:
         _sync(device)
@@ -95,8 +100,11 @@ def run(quick: bool = False, model_path: str | None = None, batch: int = 8, new_
         return time.perf_counter() - t0, time.process_time() - c0, n
 
     hf(), ours(0)  # warm-up: allocator, kernels, lazy imports
-    hf_times, our_times, hf_cpu, our_cpu = [], [], [], []
-    for r in range(repeats):  # alternate so load changes on the machine hit both equally
+    t0 = time.perf_counter()
+    ours_compiled(0)  # the first compiled call compiles the decode step for this batch shape
+    compile_s = time.perf_counter() - t0
+    hf_times, our_times, hf_cpu, our_cpu, comp_times = [], [], [], [], []
+    for r in range(repeats):  # alternate so load changes on the machine hit all equally
         dt, ct, n = timed(hf)
         assert n == batch * new_tokens, f"HF generate made {n} tokens, expected {batch * new_tokens}"
         hf_times.append(dt)
@@ -105,6 +113,9 @@ def run(quick: bool = False, model_path: str | None = None, batch: int = 8, new_
         assert n == batch * new_tokens, f"chatforge generate made {n} tokens, expected {batch * new_tokens}"
         our_times.append(dt)
         our_cpu.append(ct)
+        dt, _, n = timed(ours_compiled, r + 1)
+        assert n == batch * new_tokens, f"compiled chatforge generate made {n} tokens, expected {batch * new_tokens}"
+        comp_times.append(dt)
 
     total = batch * new_tokens
     hf_tps, our_tps = total / statistics.median(hf_times), total / statistics.median(our_times)
@@ -113,6 +124,8 @@ def run(quick: bool = False, model_path: str | None = None, batch: int = 8, new_
     speedup = statistics.median(h / o for h, o in zip(hf_times, our_times, strict=True))
     # CPU seconds of this process: on a shared machine, time spent descheduled does not count.
     speedup_cpu = statistics.median(h / o for h, o in zip(hf_cpu, our_cpu, strict=True))
+    speedup_compiled = statistics.median(h / o for h, o in zip(hf_times, comp_times, strict=True))
+    comp_tps = total / statistics.median(comp_times)
     res = {
         "bench": "generate", "machine": machine(), "model": name, "params": count_params(model),
         "device": device.type, "dtype": str(model.dtype).replace("torch.", ""), "batch": batch,
@@ -122,6 +135,8 @@ def run(quick: bool = False, model_path: str | None = None, batch: int = 8, new_
         "hf_cpu_s": [round(t, 4) for t in hf_cpu], "chatforge_cpu_s": [round(t, 4) for t in our_cpu],
         "hf_tokens_per_sec": round(hf_tps, 1), "chatforge_tokens_per_sec": round(our_tps, 1),
         "speedup": round(speedup, 3), "speedup_cpu_time": round(speedup_cpu, 3),
+        "compiled_times_s": [round(t, 4) for t in comp_times], "compiled_tokens_per_sec": round(comp_tps, 1),
+        "speedup_compiled": round(speedup_compiled, 3), "compile_s": round(compile_s, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
     print_table("chatforge bench generate", [
@@ -133,6 +148,8 @@ def run(quick: bool = False, model_path: str | None = None, batch: int = 8, new_
         ("chatforge generate", f"{our_tps:,.0f} tokens/s"),
         ("speed-up (wall time)", f"{res['speedup']:.2f}x"),
         ("speed-up (process CPU time)", f"{res['speedup_cpu_time']:.2f}x"),
+        ("chatforge generate, compile=True", f"{comp_tps:,.0f} tokens/s (one-off compile {compile_s:.0f} s)"),
+        ("speed-up, compiled (wall time)", f"{res['speedup_compiled']:.2f}x"),
     ])
     return res
 

@@ -37,14 +37,14 @@ class _VocabOnly:
         return self.n
 
 
-def make_comparisons(n_prompts: int, k: int, prompt_len: int, reply_len: int, vocab: int, seed: int = 0
-                     ) -> list[RMExample]:
-    """Random-token comparisons, fully ranked in reply order (ids avoid the specials 0-2)."""
+def make_comparisons(n_prompts: int, k: int, prompt_len: int, reply_len: int, vocab: int, seed: int = 0,
+                     low: int = 3) -> list[RMExample]:
+    """Random-token comparisons, fully ranked in reply order (ids from `low` up, avoiding the specials)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n_prompts):
-        prompt = torch.randint(3, vocab, (prompt_len,), generator=g).tolist()
-        seqs = [prompt + torch.randint(3, vocab, (reply_len,), generator=g).tolist() for _ in range(k)]
+        prompt = torch.randint(low, vocab, (prompt_len,), generator=g).tolist()
+        seqs = [prompt + torch.randint(low, vocab, (reply_len,), generator=g).tolist() for _ in range(k)]
         pairs = [(a, b, 0.0) for a in range(k) for b in range(a + 1, k)]
         out.append(RMExample(f"t{i}", "bench", seqs, [str(j) for j in range(k)], [reply_len] * k, [""] * k, pairs, []))
     return out
@@ -65,13 +65,13 @@ def _sync(device: str) -> None:
 
 
 def bench_chatforge(model: Any, examples: list[RMExample], batch_prompts: int, steps: int, warmup: int,
-                    device: str, amp: torch.dtype | None, lr: float) -> dict:
+                    device: str, amp: torch.dtype | None, lr: float, pad_id: int = PAD_ID) -> dict:
     cfg = TrainConfig(max_steps=steps + warmup, warmup_steps=0, lr=lr, schedule="constant")
     dev = torch.device(device)
     model.to(dev).train()
     opt = make_optimizer(model.parameters(), cfg, dev)
     sched = make_scheduler(opt, cfg)
-    loader = ComparisonLoader(examples, batch_prompts, PAD_ID, seed=0, device=dev)
+    loader = ComparisonLoader(examples, batch_prompts, pad_id, seed=0, device=dev)
     pairs_per_step = batch_prompts * len(examples[0].pairs)
     t0 = 0.0
     for i in range(warmup + steps):

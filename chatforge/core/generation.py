@@ -221,6 +221,47 @@ class _PreallocatedLayer(CacheLayerMixin):
             self._refresh_views()
 
 
+class _StaticLayer(_PreallocatedLayer):
+    """For compiled decoding: writes at a position held in a tensor and returns the whole buffers, so every
+    decode step has the same shapes (one graph); the additive mask hides the slots not written yet."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.cumulative_length = torch.zeros(1, dtype=torch.long, device=key_states.device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        where = torch.arange(key_states.shape[-2], device=key_states.device) + self.cumulative_length
+        self.key_buf.index_copy_(2, where, key_states)
+        self.value_buf.index_copy_(2, where, value_states)
+        self.cumulative_length.add_(key_states.shape[-2])
+        return self.key_buf, self.value_buf
+
+    def _refresh_views(self) -> None:
+        self.keys, self.values = self.key_buf, self.value_buf
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_len, 0
+
+
+_COMPILED: dict[int, Any] = {}  # id(model) -> its compiled decode step
+
+
+def _compiled_step(model: Any) -> Any:
+    """One decode step of `model` under torch.compile (static shapes), built once per model."""
+    key = id(model)
+    if key not in _COMPILED:
+        def step(tok: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache) -> torch.Tensor:
+            return model(input_ids=tok, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True).logits[:, -1].float()
+
+        _COMPILED.clear()  # one model at a time: a stale entry would keep its model alive
+        _COMPILED[key] = torch.compile(step, dynamic=False)
+    return _COMPILED[key]
+
+
 def _text_config(model: Any) -> Any:
     cfg = model.config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -419,22 +460,25 @@ def _check_inputs(model: Any, prompts: list[list[int]], params: list[SamplingPar
         warn(f"prompt + max_new_tokens = {longest} exceeds the model's max_position_embeddings ({limit})")
 
 
-def _prefill(model: Any, prompts: list[list[int]], pad_id: int, total: int, num_samples: int
-             ) -> tuple[Cache, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _prefill(model: Any, prompts: list[list[int]], pad_id: int, total: int, num_samples: int,
+             static: bool = False) -> tuple[Cache, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run every distinct prompt once, then repeat its cache for the samples.
 
     Returns (cache, last-position logits, position ids, per-step mask), the last three with one row
-    per sample.
+    per sample. `static` (compiled decoding): the cache and every mask span all `total` positions, and
+    the per-step mask is returned as bool (B, 1, 1, total) "real position" flags.
     """
     device, dtype, fast = next(model.parameters()).device, model.dtype, uses_fast_path(model)
     ids, valid = _left_pad(prompts, pad_id, total)
     ids, valid, width = ids.to(device), valid.to(device), ids.shape[1]
     positions = (valid.cumsum(1) - 1).clamp_min(0)
     if fast:
-        cache: Cache = Cache(layer_class_to_replicate=functools.partial(_PreallocatedLayer, total))
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-        allowed = causal[None] & valid[:, None, :width]
-        allowed |= torch.eye(width, dtype=torch.bool, device=device)[None]  # pad rows: no all-masked row
+        span = total if static else width
+        layer = _StaticLayer if static else _PreallocatedLayer
+        cache: Cache = Cache(layer_class_to_replicate=functools.partial(layer, total))
+        causal = torch.ones(width, span, dtype=torch.bool, device=device).tril()
+        allowed = causal[None] & valid[:, None, :span]
+        allowed[:, :, :width] |= torch.eye(width, dtype=torch.bool, device=device)[None]  # pad rows: not all masked
         mask = _additive(allowed, dtype)[:, None]
     else:
         cache = DynamicCache(config=model.config)
@@ -445,7 +489,10 @@ def _prefill(model: Any, prompts: list[list[int]], pad_id: int, total: int, num_
     if num_samples > 1:
         cache.batch_repeat_interleave(num_samples)
         logits, valid, positions = (t.repeat_interleave(num_samples, 0) for t in (logits, valid, positions))
-    step_mask = _additive(valid, dtype)[:, None, None, :] if fast else valid.long()
+    if static:
+        step_mask = valid[:, None, None, :]
+    else:
+        step_mask = _additive(valid, dtype)[:, None, None, :] if fast else valid.long()
     return cache, logits, positions, step_mask
 
 
@@ -481,18 +528,24 @@ def _sampling_mode(row_params: list[SamplingParams]) -> tuple[str, bool, bool]:
 
 def _decode_steps(model: Any, prompts: list[list[int]], params: list[SamplingParams],
                   stop_token_ids: list[int], pad_id: int, tokenizer: Any, num_samples: int,
-                  track_all: bool) -> Iterator[_State]:
+                  track_all: bool, compile: bool = False) -> Iterator[_State]:
     """Prefill, then sample one token per row per step; yields the state after every step.
 
     When at least half of the rows in the batch have finished, they are retired into
     `state.finished` and dropped from the batch and the KV cache, so long replies do not keep
     paying for short ones. After the last step every row is in `state.finished`.
+    `compile`: decode steps run one torch.compile'd graph of static shapes (cache and mask span the
+    whole length, rounded up to a multiple of 64 so nearby lengths share a graph; no retiring).
     """
     row_params = [p for p in params for _ in range(num_samples)]
     n_new = max(p.max_new_tokens for p in row_params)
     width = max(len(p) for p in prompts)
-    cache, logits, positions, step_mask = _prefill(model, prompts, pad_id, width + n_new, num_samples)
+    static = compile and uses_fast_path(model)
+    total = -(-(width + n_new) // 64) * 64 if static else width + n_new
+    cache, logits, positions, step_mask = _prefill(model, prompts, pad_id, total, num_samples, static)
     fast = step_mask.dim() == 4
+    if static:
+        compiled, upto = _compiled_step(model), torch.arange(total, device=logits.device)
     rows = _init_rows(row_params, _row_seeds(params, num_samples), n_new, pad_id, positions, step_mask)
     mode, use_k, use_p = _sampling_mode(row_params)
     stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=logits.device)
@@ -518,11 +571,15 @@ def _decode_steps(model: Any, prompts: list[list[int]], params: list[SamplingPar
         n_done = int(rows.done.sum())  # the one host sync per step
         if step == n_new - 1 or n_done == len(rows.done):
             break
+        t = width + step
+        if static:
+            mask = _additive(rows.step_mask & (upto <= t), model.dtype)
+            logits = compiled(tok[:, None], mask, rows.positions[:, t : t + 1], cache)
+            continue
         if 2 * n_done >= len(rows.done):
             keep = _retire(state, rows.done)
             cache.batch_select_indices(keep)
             tok, rows = tok[keep], state.rows
-        t = width + step
         mask = rows.step_mask[..., : t + 1] if fast else rows.step_mask[:, : t + 1]
         out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=rows.positions[:, t : t + 1],
                     past_key_values=cache, use_cache=True)
@@ -564,7 +621,7 @@ def _to_generation(reply: _Reply, prompt: list[int], tokenizer: Any) -> Generati
 @torch.inference_mode()
 def generate(model: Any, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], *,
              stop_token_ids: list[int], pad_id: int, tokenizer: Any = None, num_samples: int = 1,
-             batch_size: int | None = None) -> list[list[Generation]]:
+             batch_size: int | None = None, compile: bool = False) -> list[list[Generation]]:
     """Generate `num_samples` replies for each prompt (token ids).
 
     `params` is one SamplingParams for all prompts or one per prompt. Returns, per prompt, a list of
@@ -573,6 +630,8 @@ def generate(model: Any, prompts: list[list[int]], params: SamplingParams | list
     for stop strings). `batch_size` caps the prompts run together (the KV cache for prompt +
     max_new_tokens is allocated up front); prompts are grouped by length to save padding, and
     because every row has its own seed the results do not depend on the grouping.
+    `compile=True` runs the decode steps as one torch.compile'd graph (models on the fast path; the first
+    call per batch shape pays the compile, ~20 s on CPU): worth it for long sampling jobs on small models.
     """
     if num_samples < 1:
         raise UserError(f"num_samples must be >= 1, got {num_samples}")
@@ -590,14 +649,14 @@ def generate(model: Any, prompts: list[list[int]], params: SamplingParams | list
             idx = order[start : start + batch_size]
             out = generate(model, [prompts[i] for i in idx], [plist[i] for i in idx],
                            stop_token_ids=stop_token_ids, pad_id=pad_id, tokenizer=tokenizer,
-                           num_samples=num_samples)
+                           num_samples=num_samples, compile=compile)
             for i, group in zip(idx, out, strict=True):
                 results[i] = group
         return results
     was_training = model.training
     model.eval()
     try:
-        steps = _decode_steps(model, prompts, plist, stop_token_ids, pad_id, tokenizer, num_samples, False)
+        steps = _decode_steps(model, prompts, plist, stop_token_ids, pad_id, tokenizer, num_samples, False, compile)
         final = deque(steps, maxlen=1).pop()  # run the loop to the end, keep the last state
     finally:
         model.train(was_training)
