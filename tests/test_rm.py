@@ -346,3 +346,14 @@ def test_lora_rm_trains_adapters_and_head_and_saves_merged(rm_setup, tmp_path):
     before = load_file(base / "model.safetensors")
     name = next(k for k in before if k.endswith("q_proj.weight"))
     assert not torch.equal(saved[name], before[name])  # the adapters were merged into the frozen weights
+
+
+def test_labeler_agreement_of_heldout_comparisons():
+    from chatforge.stages.rm_eval import labeler_agreement
+
+    a = _cmp([["a"], ["b"], ["c"]], task="t1")
+    b = _cmp([["a"], ["c"], ["b"]], task="t1")  # agrees on a>b, a>c; not on b vs c
+    lone = _cmp([["c"], ["b"], ["a"]], task="t2")  # one labeler: no agreement to measure
+    res = labeler_agreement([a, b, lone])
+    assert res == {"agreement": pytest.approx(2 / 3), "pairs": 3}
+    assert labeler_agreement([lone]) is None

@@ -294,6 +294,10 @@ def run(cfg: RMConfig, out: Path, resume: bool = True) -> dict:
         )
 
         # ---------------------------------------------------------------- normalise, save, summary
+        from chatforge.stages.rm_eval import labeler_agreement
+
+        agreement = labeler_agreement(val_c)  # what val/accuracy can hope for when labelers disagree
+        val_agreement = agreement["agreement"] if agreement else None
         norm = fit_normalisation(model, train_ex, pad, cfg, info)
         print0(f"reward normalisation: mean {norm.mean:+.4f}, std {norm.std:.4f} over {norm.n} replies"
                f" of policy '{norm.policy or 'any'}'")
@@ -304,12 +308,15 @@ def run(cfg: RMConfig, out: Path, resume: bool = True) -> dict:
                    "truncated_prompts": st.truncated_prompts + vst.truncated_prompts,
                    "skipped_replies": st.skipped_replies + vst.skipped_replies,
                    "skipped_comparisons": st.skipped_comparisons + vst.skipped_comparisons,
-                   "skipped_steps": state.skipped_steps, "reward_norm": asdict(norm)}
+                   "skipped_steps": state.skipped_steps, "reward_norm": asdict(norm),
+                   "val_labeler_agreement": val_agreement}
         if info.is_main:
             save_reward_model(model, tok, norm, run_.model_dir)
         run_.write_manifest("completed", summary)
         run_.close()
-        print0(f"rm done: {run_.model_dir}" + (f" (val accuracy {last_val['val/accuracy']:.3f})" if last_val else ""))
+        print0(f"rm done: {run_.model_dir}" + (f" (val accuracy {last_val['val/accuracy']:.3f}" if last_val else "")
+               + (f"; labelers agree on {val_agreement:.3f} of the same tasks' pairs" if val_agreement and last_val
+                  else "") + (")" if last_val else ""))
         return {"run_id": run_.run_id, "out": str(out), "config": to_dict(cfg), **summary}
     finally:
         cleanup_distributed()

@@ -165,6 +165,18 @@ def _accuracy_table(rows: list[tuple[str, float]]) -> dict:
     return {g: {"accuracy": sum(d > 0 for d in ds) / len(ds), "pairs": len(ds)} for g, ds in sorted(groups.items())}
 
 
+def labeler_agreement(cmps: list) -> dict | None:
+    """Inter-labeler agreement on these comparisons (tasks ranked by >= 2 labelers), InstructGPT style: the
+    ceiling to read an RM's accuracy against, since labels that disagree with each other cap it."""
+    from chatforge.stages.label import panel_agreement
+
+    by_task: dict[str, list] = defaultdict(list)
+    for c in cmps:
+        by_task[c.task_id].append(c.ranking)
+    value, pairs = panel_agreement([r for r in by_task.values() if len(r) >= 2])
+    return None if value is None else {"agreement": value, "pairs": pairs}
+
+
 def _heldout(spec: str, cmps: list, split: str) -> list:
     if split == "all":
         return cmps
@@ -210,6 +222,7 @@ def evaluate(model_spec: str, data: list[str] | str, out: Path | None = None, sp
                 longer_rm += (ex.reply_chars[b] > ex.reply_chars[w]) == (d > 0)
     cal = calibration(gaps)
     corr = pearson([float(x) for x in lengths], scores)
+    agreement = labeler_agreement(cmps)
     res = {
         "model": str(resolve_model_path(model_spec)), "data": data, "split": split,
         "comparisons": len(examples), "pairs": len(gaps),
@@ -224,12 +237,15 @@ def evaluate(model_spec: str, data: list[str] | str, out: Path | None = None, sp
         "skipped": {"comparisons": st.skipped_comparisons, "replies": st.skipped_replies,
                     "truncated_prompts": st.truncated_prompts},
         "norm": {"mean": norm.mean, "std": norm.std, "n": norm.n, "policy": norm.policy},
+        "labeler_agreement": agreement,
     }
     if corr is not None and abs(corr) > LENGTH_BIAS_WARN:
         warn(f"length bias: reward correlates with reply length (Pearson r = {corr:+.2f}, |r| > {LENGTH_BIAS_WARN})")
         res["length"]["warning"] = True
     print0(f"rm eval: accuracy {res['accuracy']:.3f} on {len(gaps)} pairs from {len(examples)} comparisons, "
-           f"ECE {cal['ece']:.3f}, reward~length r = {'n/a' if corr is None else f'{corr:+.2f}'}")
+           f"ECE {cal['ece']:.3f}, reward~length r = {'n/a' if corr is None else f'{corr:+.2f}'}"
+           + (f"; labelers agree with each other on {agreement['agreement']:.3f} of {agreement['pairs']} pairs of "
+              "these tasks" if agreement else ""))
     if out is not None:
         out = Path(out)
         reliability_plot(cal, out / "reliability.png", f"RM calibration ({len(gaps)} pairs)")
