@@ -395,6 +395,15 @@ def test_shared_base_roles_on_a_tiny_model(tiny_tokenizer, tiny_model_factory, t
         want = shared.rewards(ids, torch.ones_like(ids))
     assert got[0] == pytest.approx(float(want[0]), abs=1e-5) and got[0] != pytest.approx(got[1], abs=1e-6)
 
+    # an adapter trained on another base is refused with a clear error, not loaded half-way
+    from peft import get_peft_model_state_dict
+
+    from chatforge.core.io import UserError
+
+    other = SharedBase(tiny_model_factory(tiny_tokenizer, hidden=48, heads=4), LoraConfig(r=4, alpha=8), seed=2)
+    with pytest.raises(UserError, match="does not fit this base|did not match this base"):
+        shared.load_adapter_state("reward", get_peft_model_state_dict(other.model, adapter_name="reward"))
+
     # model/ export merges the active (policy) adapter only, not the critic or reward adapters
     save_model(shared.model, tiny_tokenizer, tmp_path / "model")
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "model"), dtype=torch.float32).eval()

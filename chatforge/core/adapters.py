@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from chatforge.config import LoraConfig
+from chatforge.core.io import UserError
 from chatforge.core.model import peft_lora_config
 
 ADAPTERS = ("policy", "critic", "reward")
@@ -170,10 +171,15 @@ class SharedBase(torch.nn.Module):
         """Load an adapter's weights (peft's `get_peft_model_state_dict` naming) and optionally its head."""
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(self.model, lora_state, adapter_name=name)
+        try:
+            result = set_peft_model_state_dict(self.model, lora_state, adapter_name=name)
+        except RuntimeError as e:  # shape mismatch: the adapter was trained on another architecture or size
+            first = str(e).strip().splitlines()[-1].strip()
+            raise UserError(f"adapter '{name}' does not fit this base (trained on another model?): {first}") from None
         missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
         if missing:
-            raise ValueError(f"adapter '{name}': {len(missing)} weights did not match this base (e.g. {missing[0]})")
+            raise UserError(f"adapter '{name}': {len(missing)} weights did not match this base (e.g. {missing[0]}); "
+                            "was it trained on another model?")
         if head_state is not None:
             self.heads[name].load_state_dict(head_state)
         self._activate(self._active)

@@ -48,15 +48,8 @@ def build_model(cfg: ModelConfig, tok: Any, seed: int) -> Any:
 
 def resolve_model_path(spec: str) -> Path:
     """A name, path, run dir or hub id -> a local HF model dir (see core/hub.py)."""
-    try:
-        from chatforge.core.hub import resolve_model
-    except ImportError:  # hub support not installed in this tree
-        p = Path(spec)
-        if (p / "model" / "config.json").exists():
-            return p / "model"
-        if (p / "config.json").exists():
-            return p
-        raise UserError(f"model not found: {spec}") from None
+    from chatforge.core.hub import resolve_model
+
     return Path(resolve_model(spec))
 
 
