@@ -438,6 +438,9 @@ class RolloutConfig:
     top_p: float = 1.0
     forward_batch_size: int = 16
     """Rows per no-grad forward when computing rollout log-probs, reference log-probs and values."""
+    compile: bool = False
+    """Sample with the engine's compile=True (one torch.compile'd decode step; ~20 s to compile per batch shape
+    on CPU, then faster decoding for small models: see BENCHMARKS.md)."""
 
 
 @dataclass

@@ -40,6 +40,10 @@ def test_grpo_loss_group_advantages_and_kl_term(tiny_tokenizer, tiny_model_facto
     ro = generate_rollouts(policy, tok, prompts, [render_for_completion(tok, prompts[0]["messages"])],
                            max_new_tokens=10, temperature=1.0, top_k=0, top_p=1.0, seeds=[0], num_samples=4)
     assert len(ro) == 4 and len(set(ro.texts)) > 1, "one prefill, four different samples"
+    same = generate_rollouts(policy, tok, prompts, [render_for_completion(tok, prompts[0]["messages"])],
+                             max_new_tokens=10, temperature=1.0, top_k=0, top_p=1.0, seeds=[0], num_samples=4,
+                             compile=True)  # rollout.compile: the compiled decode step samples the same
+    assert same.texts == ro.texts and torch.allclose(same.logprobs, ro.logprobs, atol=1e-4)
     rows = (ro.query_ids, ro.query_mask, ro.response_ids, ro.mask)
     old, _ = rollout_logprobs(policy, *rows, temperature=1.0, chunk=4)
     cfg = load_config(GRPOConfig, None, [])

@@ -190,7 +190,7 @@ def pad_rows(queries: list[list[int]], responses: list[list[int]], pad_id: int,
 @torch.no_grad()
 def generate_rollouts(model: Any, tok: Any, prompts: list[dict], prompt_ids: list[list[int]], *,
                       max_new_tokens: int, temperature: float, top_k: int, top_p: float, seeds: list[int],
-                      num_samples: int = 1) -> Rollout:
+                      num_samples: int = 1, compile: bool = False) -> Rollout:
     """Sample `num_samples` replies per prompt with the KV-cache engine and pad them into a Rollout."""
     from chatforge.core.generation import SamplingParams, generate
 
@@ -199,7 +199,7 @@ def generate_rollouts(model: Any, tok: Any, prompts: list[dict], prompt_ids: lis
     params = [SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                              seed=s) for s in seeds]
     groups = generate(bare, prompt_ids, params, stop_token_ids=stop_token_ids(tok), pad_id=tok.pad_token_id,
-                      tokenizer=tok, num_samples=num_samples)
+                      tokenizer=tok, num_samples=num_samples, compile=compile)
     gens = [g for group in groups for g in group]
     rows = [p for p in prompts for _ in range(num_samples)]
     tensors = pad_rows([g.prompt_ids for g in gens], [g.token_ids for g in gens], tok.pad_token_id, device)

@@ -148,7 +148,7 @@ def run(cfg: GRPOConfig, out: Path, resume: bool = True) -> dict:
             seeds = [rollout_seed(cfg.train.seed, step, info.rank, i) for i in range(len(idx))]
             ro = generate_rollouts(policy, tok, [prompts[i] for i in idx], [prompt_ids[i] for i in idx],
                                    max_new_tokens=ro_cfg.max_new_tokens, temperature=ro_cfg.temperature,
-                                   top_k=ro_cfg.top_k, top_p=ro_cfg.top_p, seeds=seeds, num_samples=k)
+                                   top_k=ro_cfg.top_k, top_p=ro_cfg.top_p, seeds=seeds, compile=ro_cfg.compile, num_samples=k)
             rows = (ro.query_ids, ro.query_mask, ro.response_ids, ro.mask)
             with autocast(amp, info.device):
                 # 2. sampling-policy log-probs and entropy
