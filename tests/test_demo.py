@@ -62,3 +62,25 @@ def test_judged_outcomes_majority_and_ties():
     prompt = {"id": "a", "messages": [{"role": "user", "content": "What is 2 + 3?"}]}
     out = judged_outcomes([prompt] * 3, ["5", "7", "5"], ["7", "5", "5"], "rule")
     assert out == [1.0, 0.0, 0.5]
+
+
+def test_demo_from_a_pretrained_chat_model_quick(tiny_tokenizer, tiny_model_factory, tmp_path):
+    """`demo --base MODEL`: no corpus or pretraining; LoRA SFT, LoRA RM, LoRA PPO with a value head on the
+    policy trunk; every model is also judged against the untouched base."""
+    from helpers import save_tiny_model
+
+    from chatforge.stages import demo
+
+    base = save_tiny_model(tmp_path / "chat-model", tiny_tokenizer, tiny_model_factory)
+    summary = demo.run(tmp_path / "out", quick=True, base=str(base))
+    assert [row["model"] for row in summary["table"]] == [str(base), "sft", "round-1"]
+    assert not (tmp_path / "out" / "data").exists() and not (tmp_path / "out" / "base").exists()
+    for stage, lora in (("sft", True), ("loop/round-1/rm", True), ("loop/round-1/policy", True)):
+        man = json.loads((tmp_path / "out" / stage / "manifest.json").read_text())
+        assert man["status"] == "completed" and man["config"]["lora"]["enabled"] is lora, stage
+    policy = json.loads((tmp_path / "out" / "loop/round-1/policy/manifest.json").read_text())
+    assert policy["config"]["critic"]["shared"] is True
+    ev = json.loads((tmp_path / "out" / "loop/round-1/eval.json").read_text())
+    for key in ("vs_sft", "vs_baseline", "sft_vs_baseline"):
+        assert ev[key]["win_rate"]["n"] > 0
+    assert ev["vs_baseline"]["baseline"] == str(base)

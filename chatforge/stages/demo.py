@@ -49,6 +49,7 @@ class DemoSizes:
     sft_lr: float = 2e-3
     rm_lr: float = 3e-4
     rm_warmup: int = 20
+    rm_batch: int = 8
     kl_coef: float = 0.05
     lora: bool = False
     """LoRA for SFT, RM and PPO (policy; the value head sits on the policy's trunk), as for a real base model."""
@@ -65,7 +66,7 @@ BASE = DemoSizes(depth=0, pretrain_steps=0, sft_steps=40, demos_per_family=40, e
                  ppo_steps=40, ppo_batch=16, ppo_prompts_per_family=16, ppo_lr=2e-4, reply_tokens=32,
                  human_demos=32, sft_lr=5e-4, rm_lr=1e-3, rm_warmup=4, lora=True)
 BASE_QUICK = DemoSizes(depth=0, pretrain_steps=0, sft_steps=6, demos_per_family=4, eval_per_family=1,
-                       sample_prompts_per_family=1, k=2, seq_len=128, batch_size=4, rounds=1, rm_steps=2,
+                       sample_prompts_per_family=2, k=2, rm_batch=2, seq_len=128, batch_size=4, rounds=1, rm_steps=2,
                        ppo_steps=2, ppo_batch=4, ppo_prompts_per_family=1, reply_tokens=8, human_demos=2,
                        sft_lr=1e-3, lora=True)
 
@@ -150,7 +151,7 @@ def run(out: Path, quick: bool = False, base: str | None = None) -> dict:
         f"eval_prompts=tasks-heldout:{sizes.eval_per_family}:1", f"algo_prompts=tasks:{sizes.ppo_prompts_per_family}"])
     lcfg.sft, lcfg.out = str(sft_dir), str(out / "loop")
     lcfg.baseline = start if base else None
-    lcfg.rm_set = [f"train.max_steps={sizes.rm_steps}", "train.batch_size=8", f"train.seq_len={sizes.seq_len}",
+    lcfg.rm_set = [f"train.max_steps={sizes.rm_steps}", f"train.batch_size={sizes.rm_batch}", f"train.seq_len={sizes.seq_len}",
                    "train.eval_every=0", f"train.checkpoint_every={sizes.rm_steps}", f"train.lr={sizes.rm_lr}",
                    f"train.warmup_steps={sizes.rm_warmup}", *lora,
                    # a real model costs ~100x more per token: train on each task's panel consensus once
