@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from chatforge.config import PretrainConfig, SFTConfig, load_config
@@ -65,6 +65,10 @@ BASE = DemoSizes(depth=0, pretrain_steps=0, sft_steps=40, demos_per_family=40, e
                  sample_prompts_per_family=40, k=4, seq_len=256, batch_size=8, rounds=1, rm_steps=60,
                  ppo_steps=40, ppo_batch=16, ppo_prompts_per_family=16, ppo_lr=2e-4, reply_tokens=32,
                  human_demos=32, sft_lr=5e-4, rm_lr=1e-3, rm_warmup=4, lora=True)
+# with a GPU the same recipe gets the budget RL needs (thousands of PPO episodes, a better-fed RM)
+BASE_GPU = replace(BASE, sft_steps=200, demos_per_family=200, human_demos=95, sample_prompts_per_family=200,
+                   rm_steps=400, ppo_steps=300, ppo_batch=64, ppo_prompts_per_family=200, ppo_lr=5e-5,
+                   kl_coef=0.1, eval_per_family=50)
 BASE_QUICK = DemoSizes(depth=0, pretrain_steps=0, sft_steps=6, demos_per_family=4, eval_per_family=1,
                        sample_prompts_per_family=2, k=2, rm_batch=2, seq_len=128, batch_size=4, rounds=1, rm_steps=2,
                        ppo_steps=2, ppo_batch=4, ppo_prompts_per_family=1, reply_tokens=8, human_demos=2,
@@ -109,9 +113,12 @@ def _pretrain(out: Path, sizes: DemoSizes, quick: bool, timings: dict[str, float
 
 def run(out: Path, quick: bool = False, base: str | None = None) -> dict:
     """The whole recipe into `out`; `base` = a pretrained chat model to start from instead of pretraining."""
+    import torch
+
     from chatforge.stages import sft
 
-    sizes = (BASE_QUICK if quick else BASE) if base else (QUICK if quick else FULL)
+    gpu = torch.cuda.is_available()
+    sizes = (BASE_QUICK if quick else BASE_GPU if gpu else BASE) if base else (QUICK if quick else FULL)
     out = Path(out)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
