@@ -55,10 +55,11 @@ def bench_rm(model_dir: Path, batch_prompts: int, k: int, prompt_len: int, reply
              warmup: int) -> dict:
     from chatforge.bench.rm import bench_chatforge, make_comparisons
     from chatforge.config import LoraConfig
-    from chatforge.core.model import apply_lora
+    from chatforge.core.model import apply_lora, flops_per_token
     from chatforge.stages.rm import init_reward_model
 
     rm, tok, _ = init_reward_model(str(model_dir), seed=0)
+    flops = flops_per_token(rm, prompt_len + reply_len)  # no LM head: the trunk's matmuls only
     rm = apply_lora(rm, LoraConfig(enabled=True), task_type="SEQ_CLS")
     # ordinary token ids: specials sit at the low end, and a pad the RM added sits at the very end
     high = tok.pad_token_id if tok.pad_token_id >= len(tok) - 1 else len(tok)
@@ -67,6 +68,7 @@ def bench_rm(model_dir: Path, batch_prompts: int, k: int, prompt_len: int, reply
     device = "cuda" if torch.cuda.is_available() else "cpu"
     res = bench_chatforge(rm, examples, batch_prompts, steps, warmup, device, None, 1e-4, pad_id=tok.pad_token_id)
     res["tokens_per_sec"] = res["pairs_per_sec"] / (k * (k - 1) / 2) * k * (prompt_len + reply_len)
+    res["train_flops_per_token"] = flops
     return res
 
 
@@ -143,7 +145,7 @@ def run(quick: bool = False, model_path: str | None = None, batch: int | None = 
     # reward model (LoRA) and PPO (LoRA)
     k, plen, rlen = 4, (32 if quick else 96), (16 if quick else 32)
     r = bench_rm(model_dir, 1 if quick else 2, k, plen, rlen, steps, warmup)
-    r["mfu"] = r["tokens_per_sec"] * flops * (4 / 6) / peak
+    r["mfu"] = r["tokens_per_sec"] * r["train_flops_per_token"] * (4 / 6) / peak
     res["rm_lora"] = r
     with tempfile.TemporaryDirectory() as tmp:
         res["ppo_lora"] = bench_ppo(model_dir, Path(tmp), 2 if quick else 8, 8 if quick else 32, steps, warmup)

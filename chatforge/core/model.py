@@ -127,8 +127,10 @@ def save_model(model: Any, tok: Any, out_dir: Path) -> None:
 def flops_per_token(model: Any, seq_len: int) -> float:
     """Training FLOPs per token: 6 * N (non-embedding params) + attention 12 * L * d * T (PaLM app. B)."""
     cfg = unwrap(model).config
-    n = count_params(unwrap(model))
-    if not getattr(cfg, "tie_word_embeddings", False):  # a tied matrix still does the lm_head matmul
-        n -= unwrap(model).get_input_embeddings().weight.numel()
+    bare = unwrap(model)
+    n = count_params(bare)
+    has_lm_head = getattr(bare, "get_output_embeddings", lambda: None)() is not None  # a classifier has none
+    if not (has_lm_head and getattr(cfg, "tie_word_embeddings", False)):  # a tied matrix still does the lm_head matmul
+        n -= bare.get_input_embeddings().weight.numel()
     layers, width = cfg.num_hidden_layers, cfg.hidden_size
     return 6 * n + 12 * layers * width * seq_len
