@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--heldout", type=int, default=400)
     ap.add_argument("--lora", action="store_true")
+    ap.add_argument("--norm-replies", type=int, default=256,
+                    help="train replies scored to fit the reward normalisation (it does not change accuracy)")
     ap.add_argument("--out", type=Path, default=Path("runs/rm-hh"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -41,7 +43,8 @@ def main() -> None:
     sets = [f"model={a.model}", f"data.paths={a.out / 'train.jsonl'}", "data.val_fraction=0",
             f"train.max_steps={a.steps}", f"train.batch_size={a.batch}", f"train.lr={a.lr}",
             f"train.seq_len={a.seq_len}", "train.warmup_steps=5", "train.eval_every=0",
-            f"train.checkpoint_every={a.steps}", f"lora.enabled={str(a.lora).lower()}"]
+            f"train.checkpoint_every={a.steps}", f"lora.enabled={str(a.lora).lower()}",
+            f"norm.max_replies={a.norm_replies}"]
     t0 = time.time()
     rm.run(load_config(RMConfig, None, sets), a.out / "rm")
     minutes = (time.time() - t0) / 60

@@ -364,8 +364,9 @@ class RMLossConfig:
 class RMNormConfig:
     policy: str = ""
     """Fit the reward offset on this policy's replies; empty = the most common policy in the training data."""
-    max_replies: int = 4096
-    """Score at most this many distinct replies for the normalisation."""
+    max_replies: int = 1024
+    """Score at most this many distinct replies for the normalisation (the mean's standard error is then
+    under std/32; scoring every reply of a large preference set takes longer than training on it)."""
     divide_std: bool = False
     """Also divide normalised rewards by their std (stored in reward_norm.json, applied by `rm score`)."""
 

@@ -250,15 +250,32 @@ _COMPILED: dict[int, Any] = {}  # id(model) -> its compiled decode step
 
 
 def _compiled_step(model: Any) -> Any:
-    """One decode step of `model` under torch.compile (static shapes), built once per model."""
+    """One decode step of `model` under torch.compile (static shapes), built once per model.
+
+    The step takes the rows' "real position" flags and the current position `t` as a tensor and builds
+    the additive mask inside the graph, so nothing but sampling runs eagerly between steps. Two options
+    make the call itself cheap on CPU, where a small model's step is ~5 ms: the C++ wrapper (the graph's
+    launcher is compiled code, not Python) and no guards on the model's modules (their attributes are
+    not re-checked every call). Skipping those guards is safe here because the engine always runs the
+    model in eval mode with the same modules; weights are graph inputs, so in-place updates (PPO) are
+    seen. A changed model object gets a new entry (the key is its id, and the entry keeps it alive).
+    """
     key = id(model)
     if key not in _COMPILED:
-        def step(tok: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache) -> torch.Tensor:
+        dtype = model.dtype
+
+        def step(tok: torch.Tensor, valid: torch.Tensor, t: torch.Tensor, positions: torch.Tensor,
+                 cache: Cache) -> torch.Tensor:
+            upto = torch.arange(valid.shape[-1], device=valid.device)
+            mask = torch.where(valid & (upto <= t), 0.0, torch.finfo(dtype).min).to(dtype)
             return model(input_ids=tok, attention_mask=mask, position_ids=positions, past_key_values=cache,
                          use_cache=True).logits[:, -1].float()
 
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        if next(model.parameters()).device.type == "cpu":
+            options["cpp_wrapper"] = True
         _COMPILED.clear()  # one model at a time: a stale entry would keep its model alive
-        _COMPILED[key] = torch.compile(step, dynamic=False)
+        _COMPILED[key] = torch.compile(step, dynamic=False, options=options)
     return _COMPILED[key]
 
 
@@ -545,7 +562,7 @@ def _decode_steps(model: Any, prompts: list[list[int]], params: list[SamplingPar
     cache, logits, positions, step_mask = _prefill(model, prompts, pad_id, total, num_samples, static)
     fast = step_mask.dim() == 4
     if static:
-        compiled, upto = _compiled_step(model), torch.arange(total, device=logits.device)
+        compiled = _compiled_step(model)
     rows = _init_rows(row_params, _row_seeds(params, num_samples), n_new, pad_id, positions, step_mask)
     mode, use_k, use_p = _sampling_mode(row_params)
     stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=logits.device)
@@ -573,8 +590,8 @@ def _decode_steps(model: Any, prompts: list[list[int]], params: list[SamplingPar
             break
         t = width + step
         if static:
-            mask = _additive(rows.step_mask & (upto <= t), model.dtype)
-            logits = compiled(tok[:, None], mask, rows.positions[:, t : t + 1], cache)
+            t_now = torch.tensor(t, device=tok.device)
+            logits = compiled(tok[:, None], rows.step_mask, t_now, rows.positions[:, t : t + 1], cache)
             continue
         if 2 * n_done >= len(rows.done):
             keep = _retire(state, rows.done)

@@ -150,8 +150,10 @@ def judged_outcomes(prompts: list[dict], replies_m: list[str], replies_b: list[s
 
 
 def compare_models(model_m: str, model_b: str, prompts: list[dict], judge: str, max_new_tokens: int = 32,
-                   cache: dict | None = None) -> dict:
-    """Held-out task accuracy of both, and M's win rate over B judged by `judge` (95 % intervals)."""
+                   cache: dict | None = None, temperature: float = 0.0) -> dict:
+    """Held-out task accuracy of both, and M's win rate over B judged by `judge` (95 % intervals).
+
+    Greedy by default; with `temperature` > 0 both models sample with the same per-prompt seeds."""
     from chatforge.core.model import load_model_and_tokenizer
     from chatforge.evals.stats import length_controlled_win_rate, win_rate
     from chatforge.stages.evaluate import generate_replies, task_accuracy
@@ -162,13 +164,14 @@ def compare_models(model_m: str, model_b: str, prompts: list[dict], judge: str, 
         if spec not in cache:
             model, tok, _ = load_model_and_tokenizer(spec)
             model.eval()
-            cache[spec] = generate_replies(model, tok, prompts, max_new_tokens=max_new_tokens)[0]
+            cache[spec] = generate_replies(model, tok, prompts, max_new_tokens=max_new_tokens,
+                                           temperature=temperature)[0]
         replies[spec] = cache[spec]
     outcomes = judged_outcomes(prompts, replies[model_m], replies[model_b], judge)
     wr = win_rate(outcomes)
     lens_m = [len(x.split()) for x in replies[model_m]]
     lens_b = [len(x.split()) for x in replies[model_b]]
-    return {"model": model_m, "baseline": model_b, "judge": judge, "win_rate": wr,
+    return {"model": model_m, "baseline": model_b, "judge": judge, "temperature": temperature, "win_rate": wr,
             "length_controlled": length_controlled_win_rate(outcomes, lens_m, lens_b),
             "accuracy_model": task_accuracy(prompts, replies[model_m]),
             "accuracy_baseline": task_accuracy(prompts, replies[model_b])}
