@@ -38,3 +38,14 @@ def test_sample_resume_appends_never_duplicates(tiny_tokenizer, tiny_model_facto
 def test_identical_replies_are_collapsed():
     task = make_task({"id": "x", "messages": [{"role": "user", "content": "hi"}]}, ["a", " a ", "b"], "run1", {})
     assert [r["content"] for r in task["responses"]] == ["a", "b"]
+
+
+def test_sample_with_compile_writes_the_same_replies(tiny_tokenizer, tiny_model_factory, tmp_path):
+    model = save_tiny_model(tmp_path / "m", tiny_tokenizer, tiny_model_factory)
+    prompts = str(_prompts(tmp_path / "p.jsonl", 3))
+    outs = []
+    for compile in (False, True):
+        out = tmp_path / f"c{compile}.jsonl"
+        sample_run(str(model), prompts, out, SampleConfig(k=2, max_new_tokens=6, seed=3, batch_size=2, compile=compile))
+        outs.append([[r["content"] for r in json.loads(x)["responses"]] for x in out.read_text().splitlines()])
+    assert outs[0] == outs[1] and len(outs[0]) == 3

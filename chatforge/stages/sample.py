@@ -39,6 +39,8 @@ class SampleConfig:
     batch_size: int = 8
     """Prompts per engine call (each expands to K rows)."""
     stop: list[str] = field(default_factory=list)
+    compile: bool = False
+    """Decode with the engine's compile=True (one compiled step per batch shape; pays off on long jobs)."""
 
 
 def load_prompts(spec: str) -> list[dict]:
@@ -111,7 +113,7 @@ def sample_replies(model: Any, tok: Any, prompts: list[dict], cfg: SampleConfig)
                              max_new_tokens=cfg.max_new_tokens, seed=prompt_seed(cfg.seed, p["id"]),
                              stop=list(cfg.stop)) for p in prompts]
     return generate(model, ids, params, stop_token_ids=stop_token_ids(tok), pad_id=tok.pad_token_id,
-                    tokenizer=tok, num_samples=cfg.k)
+                    tokenizer=tok, num_samples=cfg.k, compile=cfg.compile)
 
 
 def run(model_spec: str, prompts_spec: str, out: Path, cfg: SampleConfig) -> dict:
