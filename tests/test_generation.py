@@ -327,3 +327,19 @@ def test_compiled_decoding_matches_eager(model, tok, prompts):
         assert [g.finish_reason for g in a] == [g.finish_reason for g in b]
         for x, y in zip(a, b, strict=True):
             assert x.logprobs == pytest.approx(y.logprobs, abs=1e-4)
+
+
+def test_compiled_decoding_sees_in_place_weight_updates(model, tok, prompts):
+    """The compiled step skips guards on the model's modules; weights are graph inputs, so an in-place
+    update (an optimizer step between PPO rollouts) must change what it samples, exactly as in eager."""
+    import copy
+
+    m = copy.deepcopy(model)
+    greedy = SamplingParams(temperature=0, max_new_tokens=10)
+    before = run(m, tok, prompts, greedy, compile=True)
+    with torch.no_grad():
+        m.get_output_embeddings().weight.mul_(-1.0)  # flips every logit: the greedy tokens must change
+    after_compiled = run(m, tok, prompts, greedy, compile=True)
+    after_eager = run(m, tok, prompts, greedy)
+    assert [g[0].token_ids for g in after_compiled] == [g[0].token_ids for g in after_eager]
+    assert [g[0].token_ids for g in after_compiled] != [g[0].token_ids for g in before]
