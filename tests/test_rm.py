@@ -354,6 +354,12 @@ def test_labeler_agreement_of_heldout_comparisons():
     a = _cmp([["a"], ["b"], ["c"]], task="t1")
     b = _cmp([["a"], ["c"], ["b"]], task="t1")  # agrees on a>b, a>c; not on b vs c
     lone = _cmp([["c"], ["b"], ["a"]], task="t2")  # one labeler: no agreement to measure
-    res = labeler_agreement([a, b, lone])
-    assert res == {"agreement": pytest.approx(2 / 3), "pairs": 3}
+    c = _cmp([["a"], ["b"], ["c"]], task="t3")
+    d = _cmp([["a"], ["b"], ["c"]], task="t3")
+    c.source = d.source = "tasks/sort"  # a second source on which the two labelers agree fully
+    res = labeler_agreement([a, b, lone, c, d])
+    assert res["agreement"] == pytest.approx(5 / 6) and res["pairs"] == 6
+    assert res["by_source"]["tasks/sort"] == {"agreement": 1.0, "pairs": 3}
+    other = res["by_source"]["unknown" if not a.source else a.source]
+    assert other == {"agreement": pytest.approx(2 / 3), "pairs": 3}
     assert labeler_agreement([lone]) is None

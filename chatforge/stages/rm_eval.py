@@ -167,14 +167,25 @@ def _accuracy_table(rows: list[tuple[str, float]]) -> dict:
 
 def labeler_agreement(cmps: list) -> dict | None:
     """Inter-labeler agreement on these comparisons (tasks ranked by >= 2 labelers), InstructGPT style: the
-    ceiling to read an RM's accuracy against, since labels that disagree with each other cap it."""
+    ceiling to read an RM's accuracy against, since labels that disagree with each other cap it. Also per
+    source, to set next to the RM's `by_source` accuracy."""
     from chatforge.stages.label import panel_agreement
 
     by_task: dict[str, list] = defaultdict(list)
+    source: dict[str, str] = {}
     for c in cmps:
         by_task[c.task_id].append(c.ranking)
-    value, pairs = panel_agreement([r for r in by_task.values() if len(r) >= 2])
-    return None if value is None else {"agreement": value, "pairs": pairs}
+        source[c.task_id] = c.source or "unknown"
+    shared = {t: r for t, r in by_task.items() if len(r) >= 2}
+    value, pairs = panel_agreement(list(shared.values()))
+    if value is None:
+        return None
+    by_source = {}
+    for src in sorted({source[t] for t in shared}):
+        v, n = panel_agreement([r for t, r in shared.items() if source[t] == src])
+        if v is not None:
+            by_source[src] = {"agreement": v, "pairs": n}
+    return {"agreement": value, "pairs": pairs, "by_source": by_source}
 
 
 def _heldout(spec: str, cmps: list, split: str) -> list:
@@ -246,6 +257,11 @@ def evaluate(model_spec: str, data: list[str] | str, out: Path | None = None, sp
            f"ECE {cal['ece']:.3f}, reward~length r = {'n/a' if corr is None else f'{corr:+.2f}'}"
            + (f"; labelers agree with each other on {agreement['agreement']:.3f} of {agreement['pairs']} pairs of "
               "these tasks" if agreement else ""))
+    if agreement and len(res["by_source"]) > 1:
+        for src, row in res["by_source"].items():
+            ceiling = agreement["by_source"].get(src)
+            print0(f"  {src}: accuracy {row['accuracy']:.3f} on {row['pairs']} pairs"
+                   + (f"; labelers agree on {ceiling['agreement']:.3f}" if ceiling else ""))
     if out is not None:
         out = Path(out)
         reliability_plot(cal, out / "reliability.png", f"RM calibration ({len(gaps)} pairs)")
