@@ -343,3 +343,25 @@ def test_compiled_decoding_sees_in_place_weight_updates(model, tok, prompts):
     after_eager = run(m, tok, prompts, greedy)
     assert [g[0].token_ids for g in after_compiled] == [g[0].token_ids for g in after_eager]
     assert [g[0].token_ids for g in after_compiled] != [g[0].token_ids for g in before]
+
+
+def test_compiled_decoding_follows_lora_adapter_switches(model, tok, prompts):
+    """Module guards are skipped, so switching LoRA adapters off (the reference in PPO) must give a new
+    compiled entry rather than replay the adapter-on graph."""
+    import copy
+
+    from chatforge.config import LoraConfig
+    from chatforge.core.model import apply_lora
+
+    peft_model = apply_lora(copy.deepcopy(model), LoraConfig(enabled=True, r=4))
+    with torch.no_grad():  # make the adapters matter: LoRA's B starts at zero
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
+    greedy = SamplingParams(temperature=0, max_new_tokens=10)
+    on = run(peft_model, tok, prompts, greedy, compile=True)
+    with peft_model.disable_adapter():
+        off_compiled = run(peft_model, tok, prompts, greedy, compile=True)
+        off_eager = run(peft_model, tok, prompts, greedy)
+    assert [g[0].token_ids for g in off_compiled] == [g[0].token_ids for g in off_eager]
+    assert [g[0].token_ids for g in off_compiled] != [g[0].token_ids for g in on]

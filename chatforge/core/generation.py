@@ -35,6 +35,8 @@ sampler used when temperature/top-k/top-p changed the distribution.
 from __future__ import annotations
 
 import functools
+import itertools
+import types
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
@@ -246,7 +248,22 @@ class _StaticLayer(_PreallocatedLayer):
         return self.max_len, 0
 
 
-_COMPILED: dict[int, Any] = {}  # id(model) -> its compiled decode step
+_COMPILED: dict[tuple, Any] = {}  # (id(model), has LoRA) -> its compiled decode step
+
+
+_STEP_SERIAL = itertools.count()
+
+
+def _own_code(fn: Any) -> Any:
+    """`fn` with a code object of its own. torch.compile caches graphs per code object, and an entry built
+    without module guards must never be replayed for another model (or a LoRA model for a plain one)."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_STEP_SERIAL)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def _has_lora(model: Any) -> bool:
+    """True for a model with peft LoRA layers (whose adapters can be switched or turned off)."""
+    return any(hasattr(m, "lora_A") for m in model.modules())
 
 
 def _compiled_step(model: Any) -> Any:
@@ -256,11 +273,13 @@ def _compiled_step(model: Any) -> Any:
     the additive mask inside the graph, so nothing but sampling runs eagerly between steps. Two options
     make the call itself cheap on CPU, where a small model's step is ~5 ms: the C++ wrapper (the graph's
     launcher is compiled code, not Python) and no guards on the model's modules (their attributes are
-    not re-checked every call). Skipping those guards is safe here because the engine always runs the
-    model in eval mode with the same modules; weights are graph inputs, so in-place updates (PPO) are
-    seen. A changed model object gets a new entry (the key is its id, and the entry keeps it alive).
+    not re-checked every call). Skipping those guards is safe for a plain model because the engine always
+    runs it in eval mode; weights are graph inputs, so in-place updates (PPO) are seen. It is not safe for
+    a LoRA model, whose adapters can be switched or turned off (PPO's reference) by module flags that only
+    those guards see, so LoRA models keep them. The entry keeps its model alive.
     """
-    key = id(model)
+    lora = _has_lora(model)
+    key = (id(model), lora)
     if key not in _COMPILED:
         dtype = model.dtype
 
@@ -271,11 +290,13 @@ def _compiled_step(model: Any) -> Any:
             return model(input_ids=tok, attention_mask=mask, position_ids=positions, past_key_values=cache,
                          use_cache=True).logits[:, -1].float()
 
-        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        options: dict[str, Any] = {}
+        if not lora:
+            options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
         if next(model.parameters()).device.type == "cpu":
             options["cpp_wrapper"] = True
         _COMPILED.clear()  # one model at a time: a stale entry would keep its model alive
-        _COMPILED[key] = torch.compile(step, dynamic=False, options=options)
+        _COMPILED[key] = torch.compile(_own_code(step), dynamic=False, options=options)
     return _COMPILED[key]
 
 
