@@ -180,9 +180,12 @@ def labeler_agreement(cmps: list) -> dict | None:
     value, pairs = panel_agreement(list(shared.values()))
     if value is None:
         return None
+    per_source: dict[str, list] = defaultdict(list)
+    for t, ranks in shared.items():
+        per_source[source[t]].append(ranks)
     by_source = {}
-    for src in sorted({source[t] for t in shared}):
-        v, n = panel_agreement([r for t, r in shared.items() if source[t] == src])
+    for src, tasks in sorted(per_source.items()):
+        v, n = panel_agreement(tasks)
         if v is not None:
             by_source[src] = {"agreement": v, "pairs": n}
     return {"agreement": value, "pairs": pairs, "by_source": by_source}
