@@ -181,7 +181,7 @@ def test_rm_reward_and_rm_initialised_critic(tiny_tokenizer, tiny_model_factory,
     tok = tiny_tokenizer
     base = save_tiny_model(tmp_path / "base", tok, tiny_model_factory)
     rm, rm_tok, _ = init_reward_model(str(base), seed=0)
-    save_reward_model(rm, rm_tok, RewardNorm(mean=0.25), tmp_path / "rm")
+    save_reward_model(rm, rm_tok, RewardNorm(mean=0.25, std=2.0, divide_std=True), tmp_path / "rm")
     reward = make_reward_source(str(tmp_path / "rm"))
     assert isinstance(reward, RMReward)
     prompts = [{"id": "a", "messages": _messages("Hi")}] * 2
@@ -190,7 +190,8 @@ def test_rm_reward_and_rm_initialised_critic(tiny_tokenizer, tiny_model_factory,
     cfg = load_config(PPOConfig, None, [])
     critic, desc = load_critic(cfg, tiny_model_factory(tok), tok, base, reward, torch.device("cpu"))
     assert "from the reward" in desc  # same tokenizer: InstructGPT's RM-initialised value model
-    # the critic's value at the last token is the RM's raw score of the whole sequence: append one (masked) slot
+    # the critic's value at the last token is the RM's normalised score of the whole sequence (the reward PPO
+    # gives that reply; a raw-scale start would be off by the RM's offset): append one (masked) slot
     # so that the last real position is the one that "predicts" it (values use the log-prob alignment)
     conv = prompts[0]["messages"] + [{"role": "assistant", "content": "Lily saw a ball."}]
     x = torch.tensor([rm_tok.apply_chat_template(conv, return_dict=True)["input_ids"]])
@@ -199,7 +200,9 @@ def test_rm_reward_and_rm_initialised_critic(tiny_tokenizer, tiny_model_factory,
               "position_ids": torch.arange(full.shape[1])[None]}
     with torch.no_grad():
         value = critic(inputs, n_response=1)[0, 0]
-        assert float(value) == pytest.approx(float(rm(input_ids=x).logits[0, 0]), abs=1e-5)
+        raw = float(rm(input_ids=x).logits[0, 0])
+        assert float(value) == pytest.approx((raw - 0.25) / 2.0, abs=1e-5)
+        assert float(value) == pytest.approx(scores[0], abs=1e-4)
     cfg.critic.init = "policy"
     critic, desc = load_critic(cfg, tiny_model_factory(tok), tok, base, reward, torch.device("cpu"))
     assert "from the policy" in desc and critic(inputs, n_response=3).abs().max() == 0, "zero-initialised head"

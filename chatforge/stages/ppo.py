@@ -104,6 +104,7 @@ from chatforge.core.train import (
     set_threads,
     train_loop,
 )
+from chatforge.stages.rm import RewardNorm
 
 # ----------------------------------------------------------------------------- critic
 
@@ -113,18 +114,23 @@ class TokenValueModel(torch.nn.Module):
 
     HF *ForSequenceClassification computes `score(hidden)` for every position before pooling the last
     one; we call the trunk and the head ourselves to keep all positions. Works with a peft wrapper.
+    A critic started from the RM applies the RM's reward normalisation, so that its first values are
+    on the scale of the (normalised) rewards it must predict rather than off by the RM's raw offset.
     """
 
-    def __init__(self, classifier: Any):
+    def __init__(self, classifier: Any, norm: RewardNorm | None = None):
         super().__init__()
         self.classifier = classifier
+        norm = norm or RewardNorm()
+        self.offset = norm.mean
+        self.scale = 1.0 / norm.std if norm.divide_std and norm.std > 0 else 1.0
 
     def forward(self, inputs: dict[str, torch.Tensor], n_response: int) -> torch.Tensor:
         """Values [B, T] at the positions that predict the T reply tokens (same alignment as log-probs)."""
         bare = self.classifier.get_base_model() if hasattr(self.classifier, "get_base_model") else self.classifier
         trunk = getattr(bare, bare.base_model_prefix)
         hidden = trunk(**inputs, use_cache=False).last_hidden_state[:, -(n_response + 1): -1]
-        return bare.score(hidden).squeeze(-1).float()
+        return ((bare.score(hidden).squeeze(-1).float() - self.offset) * self.scale)
 
 
 class ValueHead(torch.nn.Module):
@@ -173,7 +179,8 @@ def load_critic(cfg: PPOConfig, policy: Any, tok: Any, src: Path, reward: Reward
         torch.nn.init.zeros_(model.score.weight)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
-    return TokenValueModel(model).to(device).train(), f"separate critic from the {source} ({path})"
+    norm = reward.norm if source == "reward" else None  # type: ignore[union-attr]
+    return TokenValueModel(model, norm).to(device).train(), f"separate critic from the {source} ({path})"
 
 
 def critic_values(critic: torch.nn.Module, inputs: dict[str, torch.Tensor], n_response: int,
