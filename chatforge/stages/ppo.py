@@ -121,16 +121,14 @@ class TokenValueModel(torch.nn.Module):
     def __init__(self, classifier: Any, norm: RewardNorm | None = None):
         super().__init__()
         self.classifier = classifier
-        norm = norm or RewardNorm()
-        self.offset = norm.mean
-        self.scale = 1.0 / norm.std if norm.divide_std and norm.std > 0 else 1.0
+        self.norm = norm or RewardNorm()
 
     def forward(self, inputs: dict[str, torch.Tensor], n_response: int) -> torch.Tensor:
         """Values [B, T] at the positions that predict the T reply tokens (same alignment as log-probs)."""
         bare = self.classifier.get_base_model() if hasattr(self.classifier, "get_base_model") else self.classifier
         trunk = getattr(bare, bare.base_model_prefix)
         hidden = trunk(**inputs, use_cache=False).last_hidden_state[:, -(n_response + 1): -1]
-        return ((bare.score(hidden).squeeze(-1).float() - self.offset) * self.scale)
+        return self.norm.apply(bare.score(hidden).squeeze(-1).float())
 
 
 class ValueHead(torch.nn.Module):

@@ -73,7 +73,7 @@ class RewardNorm:
     policy: str = ""
     divide_std: bool = False
 
-    def apply(self, raw: float) -> float:
+    def apply(self, raw: float | torch.Tensor) -> float | torch.Tensor:
         r = raw - self.mean
         return r / self.std if self.divide_std and self.std > 0 else r
 
