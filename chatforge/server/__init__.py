@@ -1,0 +1,1 @@
+"""The chatforge server: OpenAI-compatible API (api), continuous batching (scheduler), storage (db)."""
