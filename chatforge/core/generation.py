@@ -35,6 +35,7 @@ sampler used when temperature/top-k/top-p changed the distribution.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import types
 from collections import deque
@@ -287,8 +288,8 @@ def _compiled_step(model: Any) -> Any:
                  cache: Cache) -> torch.Tensor:
             upto = torch.arange(valid.shape[-1], device=valid.device)
             mask = torch.where(valid & (upto <= t), 0.0, torch.finfo(dtype).min).to(dtype)
-            return model(input_ids=tok, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True).logits[:, -1].float()
+            return model(input_ids=tok, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **cache_kwargs(model, cache)).logits[:, -1].float()
 
         options: dict[str, Any] = {}
         if not lora:
@@ -298,6 +299,23 @@ def _compiled_step(model: Any) -> Any:
         _COMPILED.clear()  # one model at a time: a stale entry would keep its model alive
         _COMPILED[key] = torch.compile(_own_code(step), dynamic=False, options=options)
     return _COMPILED[key]
+
+
+def cache_kwargs(model: Any, cache: Cache) -> dict[str, Cache]:
+    """The KV cache as the keyword this transformers version's forward takes.
+
+    transformers 5.2x renamed `past_key_values` to `cache` and warns on the old name (removed in 5.40);
+    earlier 5.x only know `past_key_values`. Read the base model's signature once per class.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = _CACHE_KWARG.get(type(base))
+    if name is None:
+        params = inspect.signature(base.forward).parameters
+        name = _CACHE_KWARG[type(base)] = "cache" if "cache" in params else "past_key_values"
+    return {name: cache}
+
+
+_CACHE_KWARG: dict[type, str] = {}
 
 
 def _text_config(model: Any) -> Any:
@@ -522,7 +540,7 @@ def _prefill(model: Any, prompts: list[list[int]], pad_id: int, total: int, num_
         cache = DynamicCache(config=model.config)
         mask = valid[:, :width].long()
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions[:, :width],
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+                use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
     logits = out.logits[:, -1].float()
     if num_samples > 1:
         cache.batch_repeat_interleave(num_samples)
@@ -620,7 +638,7 @@ def _decode_steps(model: Any, prompts: list[list[int]], params: list[SamplingPar
             tok, rows = tok[keep], state.rows
         mask = rows.step_mask[..., : t + 1] if fast else rows.step_mask[:, : t + 1]
         out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=rows.positions[:, t : t + 1],
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **cache_kwargs(model, cache))
         logits = out.logits[:, -1].float()
     _retire(state, torch.ones_like(state.rows.done))
 

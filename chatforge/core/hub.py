@@ -479,7 +479,10 @@ def models_table(rows: list[dict]) -> Any:
 
     table = Table(title=f"models ({models_dir()})")
     for col in ("name", "params", "size MB", "status", "source"):
-        table.add_column(col, justify="right" if col in ("params", "size MB") else "left")
+        # The name is what a user types: never cut it; the source may fold.
+        table.add_column(col, justify="right" if col in ("params", "size MB") else "left",
+                         no_wrap=col == "name", min_width=max((len(r["name"]) for r in rows), default=4)
+                         if col == "name" else None, overflow="fold")
     for r in rows:
         params = f"{r['params'] / 1e6:.1f}M" if r.get("params") else "-"
         size = f"{r['size_mb']:.1f}" if r.get("size_mb") is not None else "-"

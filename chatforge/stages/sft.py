@@ -38,12 +38,17 @@ from chatforge.data.sft_data import (
     token_losses,
 )
 
+# The embedded demonstrations `sft` trains on when no --data is given (task suite + human-written oasst).
+DEFAULT_DATA = ("tasks:200", "embedded:sft/oasst-best")
+
 
 def run(cfg: SFTConfig, out: Path, resume: bool = True) -> dict:
     if not cfg.model:
         raise UserError("sft needs a model: --model RUN_DIR|HF_DIR|NAME")
     if not cfg.data.paths:
-        raise UserError("sft needs data: --data CONV.jsonl (or embedded:NAME, tasks:N)")
+        # Like `pretrain` and `data prepare`, which default to the embedded corpus.
+        cfg.data.paths = list(DEFAULT_DATA)
+        print0(f"no --data given: the embedded demonstrations ({', '.join(DEFAULT_DATA)})")
     info = init_distributed(cfg.train.device)
     set_threads(cfg.train)
     out = Path(out)
