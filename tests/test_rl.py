@@ -417,3 +417,31 @@ def test_trajectory_select_and_len():
     assert sub.scores.tolist() == [3.0, 1.0] and sub.ended.tolist() == [True, False]
     assert sub.response_ids[0].tolist() == [15, 16, 17, 18, 19]
     assert len(traj.select(slice(0, 3)).to("cpu")) == 3
+
+
+# ------------------------------------------------------------------------------------ leave-one-out baseline
+
+
+def test_leave_one_out_baseline_by_hand_and_sums_to_zero():
+    # two prompts x K=3 samples, prompt-major; prompt 0 carries a large offset (+10)
+    scores = torch.tensor([11.0, 13.0, 10.0, 1.0, 2.0, 6.0])
+    base = rl.leave_one_out_baseline(scores, 3)
+    # sample 0: mean(13, 10) = 11.5; sample 1: mean(11, 10) = 10.5; sample 2: mean(11, 13) = 12; ...
+    assert base.tolist() == pytest.approx([11.5, 10.5, 12.0, 4.0, 3.5, 1.5])
+    centred = (scores - base).view(2, 3)
+    assert centred.sum(dim=1).abs().max() < 1e-6, "sums to zero over each prompt's samples"
+    assert centred.flatten().tolist() == pytest.approx([-0.5, 2.5, -2.0, -3.0, -1.5, 4.5])
+    # K/(K-1) times the group-mean-centred score; K = 1 leaves the scores as they are
+    assert torch.allclose(centred.flatten(), 1.5 * rl.group_advantages(scores, 3, "none"))
+    assert rl.leave_one_out_baseline(scores, 1).eq(0).all()
+    with pytest.raises(ValueError):
+        rl.leave_one_out_baseline(scores, 4)
+
+
+def test_rloo_advantages_sequence_reward_minus_siblings():
+    scores = torch.tensor([1.0, 3.0])
+    kl = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    adv = rl.rloo_advantages(scores, kl, mask, kl_coef=0.1, k=2)
+    # R = [1 - 0.1, 3 - 0.1] = [0.9, 2.9]; A = [0.9 - 2.9, 2.9 - 0.9], on every valid token
+    assert torch.allclose(adv, torch.tensor([[-2.0, -2.0, 0.0], [2.0, 0.0, 0.0]]))

@@ -234,6 +234,41 @@ def group_advantages(
     raise ValueError(f"unknown advantage scale {scale!r}; choose group, batch or none")
 
 
+def leave_one_out_baseline(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Each sample's baseline: the mean score of the *other* K − 1 samples of its prompt (RLOO).
+
+    scores [N] holds N/K prompts × K consecutive samples (prompt-major: prompt i, sample j → i·K + j).
+    Returns [N]. `scores - leave_one_out_baseline(scores, k)` sums to 0 over each prompt's samples and is
+    K/(K − 1) times the group-mean-centred score; unlike the group mean, a sample's baseline does not
+    depend on its own score, so the policy gradient stays unbiased (Kool et al. 2019; Ahmadian et al. 2024).
+    K = 1 has no other sample: the baseline is 0 (scores unchanged).
+    """
+    if k < 1 or scores.numel() % k:
+        raise ValueError(f"k must be >= 1 and divide the {scores.numel()} scores, got {k}")
+    if k == 1:
+        return torch.zeros_like(scores)
+    grouped = scores.view(-1, k)
+    return ((grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)).reshape(scores.shape)
+
+
+def rloo_advantages(
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float | torch.Tensor,
+    k: int,
+) -> torch.Tensor:
+    """RLOO advantages [B, T]: the whole reply is one action (Ahmadian et al. 2024, "Back to Basics").
+
+    Sequence reward R_i = score_i − kl_coef · Σ_t KL_t (kl [B, T] the per-token estimate, 0 on padding);
+    advantage A_i = R_i − mean of the other K − 1 replies to the same prompt, given to every valid token of
+    reply i (0 on padding). No critic, no GAE: REINFORCE with a leave-one-out baseline.
+    """
+    seq = scores.to(kl.dtype) - kl_coef * masked_sum(kl, mask, dim=1)
+    adv = seq - leave_one_out_baseline(seq, k)
+    return adv[:, None] * _as_mask(mask, kl)
+
+
 # ---------------------------------------------------------------------------------------------
 # PPO losses
 
