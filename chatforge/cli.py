@@ -221,6 +221,33 @@ def chat(
     stage.run(model, temperature, top_p, top_k, max_new_tokens, seed)
 
 
+@app.command()
+def serve(
+    model: list[str] = typer.Option(None, "--model", "-m", help="Model to serve (name, run dir, registry id, HF "
+                                    "dir); repeatable. Default: the built-in smollm2-135m-instruct."),
+    db: str = typer.Option(None, "--db", help="Database URL for completions and feedback (default: "
+                           "sqlite:///runs/chatforge.db when storage is available; 'none' = do not store)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (127.0.0.1 = this machine only)."),
+    port: int = typer.Option(8000, "--port"),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Accept requests without an API key (local use)."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Rows decoded together per step (continuous batching)."),
+    queue_size: int = typer.Option(64, "--queue-size", help="Requests that may wait; past it, 429 + Retry-After."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (weights and compute)."),
+) -> None:
+    """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /metrics) with batching."""
+    from chatforge.server.app import default_db_url
+    from chatforge.server.app import serve as run_server
+
+    precisions = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16"}
+    if dtype not in precisions:
+        raise UserError(f"--dtype must be float32 or bfloat16, not '{dtype}'")
+    if max_batch < 1 or queue_size < 1:
+        raise UserError("--max-batch and --queue-size must be >= 1")
+    db_url = None if db == "none" else (db or default_db_url())
+    run_server(list(model) if model else None, db_url, host, port, no_auth, max_batch, queue_size,
+               precisions[dtype])
+
+
 def _rl_command(stage_name: str, cfg_name: str, policy: str | None, reward: str | None, prompts: str | None,
                 reference: str | None, out: Path, config: Path | None, set_: list[str] | None, resume: bool) -> None:
     import importlib
@@ -325,7 +352,7 @@ def loop(
 
 @app.command()
 def bench(
-    stage: str = typer.Argument(..., help="pretrain | generate | sft | rm | dpo | ppo"),
+    stage: str = typer.Argument(..., help="pretrain | generate | sft | rm | dpo | ppo | model | serve"),
     out: Path = typer.Option(None, "--out", "-o", help="Write the JSON result here."),
     quick: bool = typer.Option(False, "--quick", help="Smaller sizes, for a smoke run."),
     model: str | None = typer.Option(None, "--model", help="Benchmark this model (name, dir) instead of the "

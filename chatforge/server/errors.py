@@ -8,7 +8,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
+          404: "not_found_error", 408: "invalid_request_error", 413: "invalid_request_error",
+          422: "invalid_request_error",
           429: "rate_limit_error", 500: "server_error", 501: "server_error", 503: "server_error"}
 
 
@@ -37,6 +38,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errs = exc.errors()
         first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid":  # not JSON at all: a 400, as OpenAI answers
+            where = first.get("ctx", {}).get("error", "")
+            return JSONResponse(error_body(400, f"the request body is not valid JSON ({where})".replace(" ()", ""),
+                                           None, "invalid_json"), 400)
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         msg = f"{param}: {first.get('msg', 'invalid request')}" if param else first.get("msg", "invalid request")
@@ -46,3 +51,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code,
                             headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), 500)

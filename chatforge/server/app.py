@@ -1,0 +1,177 @@
+"""The FastAPI app behind `chatforge serve`: models, their schedulers, storage, auth, metrics, routes."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import Response
+
+from chatforge.core.io import UserError
+from chatforge.core.log import warn
+from chatforge.server.errors import install_error_handlers
+from chatforge.server.limits import BODY_TIMEOUT_S, MAX_BODY_BYTES, BodyLimits
+from chatforge.server.metrics import Metrics
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+MAX_BATCH = 32
+QUEUE_SIZE = 64
+
+
+@dataclass
+class ServedModel:
+    """One model exposed over the API under `id` and its `aliases`."""
+
+    id: str
+    model: Any
+    tok: Any
+    run_id: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    context: int = 2048
+    scheduler: Any = None
+    created: int = 0
+    path: str = ""
+
+
+def _registry_entry(spec: str) -> dict | None:
+    """The registry entry `spec` names (run id, unique prefix, or run dir), or None."""
+    from chatforge.core.registry import find_run
+
+    try:
+        return find_run(spec)
+    except (UserError, OSError, ValueError, KeyError):
+        return None
+
+
+def _resolve(spec: str) -> tuple[Path, str | None]:
+    """(HF model dir, registry run id or None) of a --model spec: a name, run dir, registry id or HF dir."""
+    from chatforge.core.model import resolve_model_path
+
+    if spec == DEFAULT_MODEL:
+        from chatforge.core.hub import builtin_gguf, cached_model
+
+        if cached_model(spec) is None:
+            builtin_gguf(spec)  # a clear UserError with the install hint (`make smollm2`) when it is missing
+    try:
+        path = resolve_model_path(spec)
+    except UserError:
+        entry = _registry_entry(spec) if not Path(spec).exists() else None
+        if entry is None:
+            raise
+        path = resolve_model_path(entry["path"])
+        return path, entry["run_id"]
+    entry = _registry_entry(spec) if Path(spec).exists() else None  # a run dir: expose its run id
+    return path, entry["run_id"] if entry else None
+
+
+def load_served(spec: str, precision: str = "fp32") -> ServedModel:
+    """Resolve and load a --model spec for serving, exposed under its run id (if any) and a short name."""
+    from chatforge.core.model import for_inference, load_model_and_tokenizer
+
+    path, run_id = _resolve(spec)
+    model, tok, path = load_model_and_tokenizer(str(path))
+    model = for_inference(model, precision)
+    p = Path(path)
+    short = p.parent.name if p.name == "model" else p.name
+    short = spec if not Path(spec).exists() else short
+    ident = run_id or short
+    aliases = [a for a in dict.fromkeys([ident, short, spec]) if a]
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return ServedModel(id=ident, model=model, tok=tok, run_id=run_id, aliases=aliases, path=str(p),
+                       context=int(getattr(cfg, "max_position_embeddings", 2048) or 2048), created=int(time.time()))
+
+
+def create_app(models: list[str | ServedModel] | None = None, db_url: str | None = None, no_auth: bool = False,
+               max_batch: int = MAX_BATCH, queue_size: int = QUEUE_SIZE, precision: str = "fp32",
+               body_timeout_s: float = BODY_TIMEOUT_S, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The whole server: every model gets its own scheduler thread; `/v1/*`, `/health`, `/metrics`."""
+    from chatforge.core.generation import uses_fast_path
+    from chatforge.core.tokenizer import stop_token_ids
+    from chatforge.server import api
+    from chatforge.server.scheduler import Scheduler
+
+    served: list[ServedModel] = []
+    for spec in models or [DEFAULT_MODEL]:
+        m = spec if isinstance(spec, ServedModel) else load_served(spec, precision)
+        same = next((s for s in served if m.path and s.path == m.path), None)
+        if same is not None:  # one model named twice (e.g. run dir and run id): one copy in memory
+            same.aliases += [a for a in m.aliases if a not in same.aliases]
+            continue
+        served.append(m)
+    metrics = Metrics()
+    by_name: dict[str, ServedModel] = {}
+    for m in served:
+        if not uses_fast_path(m.model):
+            raise UserError(f"model {m.id}: serving needs plain full attention (sliding-window or hybrid "
+                            "attention is not supported by the batching scheduler yet)")
+        for a in m.aliases or [m.id]:
+            if by_name.setdefault(a, m) is not m and a == m.id:
+                raise UserError(f"two models would be served as '{a}'; serve one of them")
+    for m in served:
+        m.scheduler = Scheduler(m.model, m.tok, stop_token_ids(m.tok), max_batch=max_batch, queue_size=queue_size,
+                                metrics=metrics, model_name=m.id)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        for m in served:
+            m.scheduler.close()
+
+    app = FastAPI(title="chatforge", lifespan=lifespan)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimits, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
+    app.state.models, app.state.served, app.state.metrics = by_name, served, metrics
+    app.state.no_auth, app.state.max_batch, app.state.ignored_fields = no_auth, max_batch, set()
+    app.state.db = None
+    if db_url is not None:
+        try:
+            from chatforge.server.db import open_db
+        except ImportError:
+            warn("storage is not available in this build; completions are not stored")
+        else:
+            app.state.db = open_db(db_url)
+    if no_auth:
+        warn("--no-auth: the API accepts every request without a key; use it only on a trusted machine")
+    app.include_router(api.router)
+    with contextlib.suppress(ImportError):
+        from chatforge.server.feedback import router as feedback_router
+
+        app.include_router(feedback_router)
+
+    @app.get("/metrics")
+    async def _metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def default_db_url() -> str | None:
+    """runs/chatforge.db when storage is part of this build, else None (completions are not stored)."""
+    try:
+        from chatforge.server.db import open_db  # noqa: F401
+    except ImportError:
+        return None
+    return "sqlite:///runs/chatforge.db"
+
+
+def serve(models: list[str] | None, db: str | None, host: str, port: int, no_auth: bool, max_batch: int,
+          queue_size: int = QUEUE_SIZE, precision: str = "fp32") -> None:
+    """`chatforge serve`: build the app and run it under uvicorn (blocks until Ctrl-C)."""
+    import uvicorn
+
+    from chatforge.core.log import console
+
+    app = create_app(models or None, db_url=db, no_auth=no_auth, max_batch=max_batch, queue_size=queue_size,
+                     precision=precision)
+    for m in app.state.served:
+        others = ", ".join(a for a in m.aliases if a != m.id)
+        console.print(f"model {m.id}" + (f" (also: {others})" if others else "") + f" from {m.path}")
+    console.print(f"OpenAI-compatible API on http://{host}:{port}/v1 (metrics: /metrics; Ctrl-C stops)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
