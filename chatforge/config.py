@@ -80,6 +80,12 @@ class TrainConfig:
     """Autocast dtype; auto = bf16 on a GPU that supports it, fp32 on CPU."""
     threads: int = 0
     """torch CPU threads (0 = leave torch's default)."""
+    strategy: Literal["auto", "single", "ddp", "fsdp2"] = "auto"
+    """auto = single for one process, ddp under torchrun; fsdp2 = fully_shard each decoder layer, then the root."""
+    fsdp_cpu_offload: bool = False
+    """fsdp2: keep sharded params, grads and AdamW state in CPU memory (CPUOffloadPolicy)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward (less memory, ~30 % more compute)."""
 
 
 @dataclass
@@ -286,6 +292,20 @@ def validate(cfg: Any) -> None:
             problems.append("train.min_lr_ratio must be in [0, 1]")
         if train.checkpoint_every < 0 or train.eval_every < 0:
             problems.append("train.checkpoint_every and train.eval_every must be >= 0")
+    ppo = getattr(cfg, "ppo", None)
+    if isinstance(ppo, PPOAlgoConfig) and train is not None:
+        k = ppo.samples_per_prompt
+        if k < 1:
+            problems.append("ppo.samples_per_prompt must be >= 1")
+        elif train.batch_size % k:
+            problems.append(f"ppo.samples_per_prompt={k} must divide train.batch_size={train.batch_size} "
+                            "(the rollout batch counts replies: batch_size / K prompts per iteration)")
+        if ppo.baseline in ("rloo", "both") and k < 2:
+            problems.append(f"ppo.baseline={ppo.baseline} needs ppo.samples_per_prompt >= 2")
+        if ppo.critic_warmup_iters < 0:
+            problems.append("ppo.critic_warmup_iters must be >= 0")
+        elif ppo.critic_warmup_iters and ppo.baseline == "rloo":
+            problems.append("ppo.critic_warmup_iters needs a critic (ppo.baseline=critic or both)")
     model = getattr(cfg, "model", None)
     if isinstance(model, ModelConfig) and model.depth < 1:
         problems.append("model.depth must be >= 1")
@@ -484,6 +504,17 @@ class PPOAlgoConfig:
     """Adaptive KL controller horizon (samples)."""
     missing_eot_penalty: float = 1.0
     """Subtracted from the score of a reply that hit rollout.max_new_tokens without ending its turn."""
+    samples_per_prompt: int = 1
+    """K replies per prompt (rows prompt-major); train.batch_size counts replies, so it must divide by K."""
+    baseline: Literal["critic", "rloo", "both"] = "critic"
+    """critic: GAE on a learned value model (InstructGPT); rloo: REINFORCE with the leave-one-out mean of the
+    prompt's other samples as baseline, no critic (RLOO); both: subtract that mean from each score, then GAE
+    with the critic. rloo and both need samples_per_prompt >= 2."""
+    normalise_scores: bool = False
+    """Divide RM scores by the RM's SFT-reply std (reward_norm.json), so rewards, kl_coef and the value clip
+    are in units of that std (the critic from the RM is scaled the same way)."""
+    critic_warmup_iters: int = 0
+    """Value-only iterations first: the critic learns the returns before the policy moves (0 = off)."""
 
 
 @dataclass

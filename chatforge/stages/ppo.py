@@ -9,7 +9,8 @@
 One iteration (one `train_loop` step), written as in torchtune's PPO recipe:
 
   rollout
-    1. sample one reply per prompt with the KV-cache engine (this rank's prompts)
+    1. sample ppo.samples_per_prompt = K replies per prompt with the KV-cache engine (this rank's
+       train.batch_size / K prompts; rows prompt-major, each prompt prefilled once)
     2. log-probs of the rollout policy (the PPO "old" log-probs): the engine's own, recorded while sampling,
        when it sampled the unmodified distribution (temperature 1, no top-k/top-p, no autocast); else a forward
     3. log-probs of the frozen reference (the SFT model; with LoRA, the policy with adapters off)
@@ -17,11 +18,19 @@ One iteration (one `train_loop` step), written as in torchtune's PPO recipe:
     5. scores from the reward source (RM normalised with its stored offset, task checkers, ...), minus
        ppo.missing_eot_penalty for replies that hit the length limit without ending their turn; an RM that
        shares the policy's tokenizer scores the sampled token ids directly (rewards.score_rollout)
-    6. per-token reward = -beta * KL_t (k1 by default) plus the score at the last token; GAE(gamma, lambda);
-       whitened advantages
+    6. the advantages, by ppo.baseline (BASELINES, chosen by dict lookup):
+       critic  per-token reward = -beta * KL_t (k1 by default) plus the score at the last token;
+               GAE(gamma, lambda) on the critic's values; whitened advantages (InstructGPT)
+       both    as critic, after subtracting from each score the leave-one-out mean of its prompt's other
+               K - 1 scores, so the critic and GAE see only "this reply beats its siblings", not the
+               per-prompt offset a Bradley-Terry RM leaves free
+       rloo    no critic at all: RLOO (Ahmadian et al. 2024), i.e. REINFORCE with a leave-one-out baseline
+               on the sequence reward score - beta * KL, one advantage for every token of a reply (not
+               whitened); with ppo.epochs=1 and one minibatch the ratio is 1 and this is plain REINFORCE
   PPO epochs
     7. ppo.epochs passes over minibatches: clipped policy loss + vf_coef * clipped value loss
-       (+ ptx.coef * LM loss on a pretraining batch), one optimizer step per minibatch
+       (+ ptx.coef * LM loss on a pretraining batch), one optimizer step per minibatch; during the first
+       ppo.critic_warmup_iters iterations only the value loss, and only the critic steps
   bookkeeping
     8. KL controller update (fixed beta, or adaptive toward ppo.kl_target), metrics (TRL names), guards
 
@@ -40,6 +49,7 @@ core/rollout.py, and the loop (resume, checkpoints, logging) in core/train.py.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import defaultdict
@@ -69,11 +79,13 @@ from chatforge.core.rl import (
     eot_penalty,
     explained_variance,
     gae,
+    leave_one_out_baseline,
     masked_mean,
     masked_sum,
     per_token_rewards,
     ppo_policy_loss,
     ppo_value_loss,
+    rloo_advantages,
 )
 from chatforge.core.rollout import (
     HackingGuards,
@@ -204,32 +216,60 @@ def rollout_values(critic: torch.nn.Module, policy: Any, traj_rows: tuple[torch.
 # ----------------------------------------------------------------------------- loss
 
 
-def ppo_loss(policy: Any, critic: torch.nn.Module, mb: Trajectory, advantages: torch.Tensor, returns: torch.Tensor,
-             cfg: PPOConfig, ptx_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
-             ptx_model: Any = None) -> tuple[torch.Tensor, dict[str, float]]:
+def ppo_loss(policy: Any, critic: torch.nn.Module | None, mb: Trajectory, advantages: torch.Tensor,
+             returns: torch.Tensor, cfg: PPOConfig, ptx_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+             ptx_model: Any = None, update_policy: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy loss + vf_coef · clipped value loss (+ ptx.coef · LM loss on `ptx_batch`) on one minibatch.
 
     `ptx_model` is the module the LM loss runs through (the bare policy under DDP; default `policy`).
+    `critic=None` (ppo.baseline=rloo): no value loss. `update_policy=False` (critic warm-up): the value loss only.
     """
     from chatforge.stages.pretrain import lm_loss
 
     inputs = model_inputs(mb.query_ids, mb.query_mask, mb.response_ids, mb.mask)
     logprobs, logits, hidden = response_forward(policy, inputs, mb.response_ids, mb.mask, cfg.rollout.temperature,
                                                 hidden=cfg.critic.shared)
-    values = critic_values(critic, inputs, mb.response_ids.shape[1], hidden)
     pg_loss, pg = ppo_policy_loss(logprobs, mb.logprobs, advantages, mb.mask, cfg.ppo.clip_range)
-    vf_loss, vf = ppo_value_loss(values, mb.values, returns, mb.mask, cfg.ppo.clip_range_value)
-    loss = pg_loss + cfg.ppo.vf_coef * vf_loss
+    if critic is not None:
+        values = critic_values(critic, inputs, mb.response_ids.shape[1], hidden)
+        vf_loss, vf = ppo_value_loss(values, mb.values, returns, mb.mask, cfg.ppo.clip_range_value)
+    else:
+        vf_loss, vf = torch.zeros((), device=logprobs.device), {"clipfrac": 0.0}
+    loss = (pg_loss if update_policy else 0.0 * pg_loss) + cfg.ppo.vf_coef * vf_loss
     with torch.no_grad():
         entropy = float(entropy_from_logits(logits.detach(), mb.mask))
     stats = {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "policy/clipfrac": float(pg["clipfrac"]),
              "policy/approxkl": float(pg["approxkl"]), "policy/ratio": float(pg["ratio"]),
              "policy/entropy": entropy, "val/clipfrac": float(vf["clipfrac"])}
-    if cfg.ptx.coef > 0 and ptx_batch is not None:
+    if cfg.ptx.coef > 0 and ptx_batch is not None and update_policy:
         ptx_loss, _ = lm_loss(ptx_model if ptx_model is not None else policy, ptx_batch)
         loss = loss + cfg.ptx.coef * ptx_loss
         stats["ppo/ptx_loss"] = ptx_loss.item()
     return loss, stats
+
+
+# ----------------------------------------------------------------------------- advantages (ppo.baseline)
+
+
+def critic_advantages(scores: torch.Tensor, rewards: torch.Tensor, kl: torch.Tensor, values: torch.Tensor,
+                      mask: torch.Tensor, kl_coef: float, cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """InstructGPT: GAE on the critic's values over the shaped per-token rewards; whitened advantages."""
+    return gae(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam, whiten=cfg.ppo.whiten_advantages)
+
+
+def rloo_only_advantages(scores: torch.Tensor, rewards: torch.Tensor, kl: torch.Tensor, values: torch.Tensor,
+                         mask: torch.Tensor, kl_coef: float, cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """RLOO: sequence reward minus the leave-one-out mean of its siblings' (core/rl.rloo_advantages); no returns."""
+    adv = rloo_advantages(scores, kl, mask, kl_coef, cfg.ppo.samples_per_prompt)
+    return adv, torch.zeros_like(adv)
+
+
+# ppo.baseline → (subtract the leave-one-out mean from each score first, uses a critic, advantage function)
+BASELINES = {
+    "critic": (False, True, critic_advantages),
+    "both": (True, True, critic_advantages),
+    "rloo": (False, False, rloo_only_advantages),  # rloo_advantages takes the LOO mean of the whole sequence reward
+}
 
 
 # ----------------------------------------------------------------------------- setup
@@ -256,6 +296,8 @@ def check_config(cfg: PPOConfig) -> None:
         problems.append("ppo.kl_target must be > 0 (or none for a fixed KL coefficient)")
     if cfg.rollout.max_new_tokens < 1 or cfg.rollout.temperature <= 0:
         problems.append("rollout.max_new_tokens must be >= 1 and rollout.temperature > 0")
+    if p.baseline == "rloo" and (cfg.critic.adapter or cfg.critic.shared):
+        problems.append("ppo.baseline=rloo trains no critic; drop critic.adapter / critic.shared")
     if cfg.ptx.coef < 0:
         problems.append("ptx.coef must be >= 0")
     elif cfg.ptx.coef > 0 and not cfg.ptx.data:
@@ -318,6 +360,10 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
     try:
         # ---------------------------------------------------------------- models and reward
         reward = make_reward_source(cfg.reward, info.device, cfg.rollout.forward_batch_size)  # type: ignore[arg-type]
+        if cfg.ppo.normalise_scores and isinstance(reward, RMReward) and reward.norm.std > 0:
+            reward.norm = dataclasses.replace(reward.norm, divide_std=True)  # scores (and an RM critic) in SFT stds
+        loo_scores, uses_critic, advantage_fn = BASELINES[cfg.ppo.baseline]
+        k = cfg.ppo.samples_per_prompt
         if cfg.critic.adapter:  # one frozen base: policy adapter, reference = adapters off, critic adapter + head
             shared_base, tok, src = load_shared_base(cfg, info)
             policy, critic, ref, ref_spec = shared_base.model, shared_base.critic_module(), None, None
@@ -329,12 +375,14 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
             policy, tok, src = load_policy(cfg.policy, cfg.lora, info.device)  # type: ignore[arg-type]
             ref_spec = cfg.reference or (None if cfg.lora.enabled else str(src))
             ref = load_reference(ref_spec, policy, tok, cfg.lora.enabled, info.device)
-            critic, critic_desc = load_critic(cfg, policy, tok, src, reward, info.device)
-            modules = {"policy": policy, "critic": critic}
+            critic, critic_desc = (load_critic(cfg, policy, tok, src, reward, info.device) if uses_critic
+                                   else (None, "none (RLOO: leave-one-out baseline)"))
+            modules = {"policy": policy} if critic is None else {"policy": policy, "critic": critic}
             policy_params = [p for p in policy.parameters() if p.requires_grad]
-            critic_params = [p for p in critic.parameters() if p.requires_grad]
+            critic_params = [p for p in critic.parameters() if p.requires_grad] if critic is not None else []
             disable_dropout(policy)
-            disable_dropout(critic)
+            if critic is not None:
+                disable_dropout(critic)
         print0(f"policy: {count_params(policy) / 1e6:.2f}M params ({count_params(policy, True) / 1e6:.3f}M trainable)"
                f"; reference: {'policy with adapters off' if ref is None else ref_spec}; reward: {reward.name}; "
                f"critic: {critic_desc}")
@@ -343,14 +391,19 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
         context = getattr(unwrap(policy).config.get_text_config(), "max_position_embeddings", None)
         prompts, prompt_ids, too_long = prepare_prompts(cfg.prompts, tok, cfg.rollout.max_new_tokens, context)  # type: ignore[arg-type]
         prompts, prompt_ids = keep_scorable(reward, prompts, prompt_ids)
-        stream = PromptStream(len(prompts), cfg.train.batch_size, cfg.train.seed, info.rank, info.world_size)
+        stream = PromptStream(len(prompts), cfg.train.batch_size // k, cfg.train.seed, info.rank, info.world_size)
 
         # ---------------------------------------------------------------- optimizers, KL controller, ptx
-        ddp_policy, ddp_critic = wrap_ddp(policy, info), wrap_ddp(critic, info)
+        ddp_policy = wrap_ddp(policy, info)
+        ddp_critic = wrap_ddp(critic, info) if critic is not None else None
         policy_opt = make_optimizer(policy_params, cfg.train, info.device)
-        critic_opt = make_optimizer(critic_params, cfg.train, info.device, lr=cfg.critic.lr)
-        policy_sched, critic_sched = make_scheduler(policy_opt, cfg.train), make_scheduler(critic_opt, cfg.train)
-        groups = [(policy_params, policy_opt), (critic_params, critic_opt)]
+        policy_sched = make_scheduler(policy_opt, cfg.train)
+        groups = [(policy_params, policy_opt)]
+        critic_opt = critic_sched = None
+        if critic is not None:
+            critic_opt = make_optimizer(critic_params, cfg.train, info.device, lr=cfg.critic.lr)
+            critic_sched = make_scheduler(critic_opt, cfg.train)
+            groups.append((critic_params, critic_opt))
         kl_ctl = make_kl_controller(cfg)
         guards = HackingGuards(cfg.guards, "ppo")
         ptx = make_ptx_loader(cfg.ptx, tok, cfg.train.seed, info) if cfg.ptx.coef > 0 else None
@@ -359,12 +412,13 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
         reuse_logprobs = engine_logprobs_usable(ro_cfg.temperature, ro_cfg.top_k, ro_cfg.top_p, amp)
 
         def step_fn(step: int) -> dict:
-            # ---- rollout. 1. sample one reply per prompt of this rank
+            # ---- rollout. 1. sample K replies per prompt of this rank (rows prompt-major)
             idx = next(stream)
             seeds = [rollout_seed(cfg.train.seed, step, info.rank, i) for i in range(len(idx))]
             ro = generate_rollouts(policy, tok, [prompts[i] for i in idx], [prompt_ids[i] for i in idx],
                                    max_new_tokens=ro_cfg.max_new_tokens, temperature=ro_cfg.temperature,
-                                   top_k=ro_cfg.top_k, top_p=ro_cfg.top_p, seeds=seeds, compile=ro_cfg.compile)
+                                   top_k=ro_cfg.top_k, top_p=ro_cfg.top_p, seeds=seeds, compile=ro_cfg.compile,
+                                   num_samples=k)
             rows = (ro.query_ids, ro.query_mask, ro.response_ids, ro.mask)
             with autocast(amp, info.device):
                 # 2. rollout-policy log-probs (the "old" log-probs): the engine's, or one more forward
@@ -375,8 +429,9 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
                     logprobs, entropy = rollout_logprobs(policy, *rows, ro_cfg.temperature, chunk)
                 # 3. reference log-probs
                 ref_logprobs = reference_logprobs(ref, policy, *rows, ro_cfg.temperature, chunk)
-                # 4. values at every reply token
-                values = rollout_values(critic, policy, rows, shared, chunk)
+                # 4. values at every reply token (none without a critic)
+                values = (rollout_values(critic, policy, rows, shared, chunk) if critic is not None
+                          else torch.zeros_like(logprobs))
             # 5. scores, minus the penalty for replies cut off before their end of turn
             raw = torch.tensor(score_rollout(reward, tok, ro), dtype=torch.float32, device=info.device)
             scores = eot_penalty(raw, ro.ended, cfg.ppo.missing_eot_penalty)
@@ -384,37 +439,45 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
             finite = all(bool(torch.isfinite(x).all()) for x in (logprobs, ref_logprobs, values, scores))
             if any_rank(not finite, info):
                 return {"train/loss": float("nan"), "_ok": False}
-            # 6. per-token rewards (-beta * KL, score at the last token), GAE, whitened advantages
+            # 6. advantages by ppo.baseline: per-token rewards (-beta * KL, the score, minus its siblings' mean
+            #    for `both`, at the last token) and GAE, or RLOO's sequence advantages
             kl_coef = kl_ctl.value
-            rewards, kl = per_token_rewards(scores, logprobs, ref_logprobs, ro.mask, kl_coef, cfg.ppo.kl_estimator)
-            advantages, returns = gae(rewards, values, ro.mask, cfg.ppo.gamma, cfg.ppo.lam,
-                                      whiten=cfg.ppo.whiten_advantages)
+            shaped = scores - leave_one_out_baseline(scores, k) if loo_scores else scores
+            rewards, kl = per_token_rewards(shaped, logprobs, ref_logprobs, ro.mask, kl_coef, cfg.ppo.kl_estimator)
+            advantages, returns = advantage_fn(scores, rewards, kl, values, ro.mask, kl_coef, cfg)
+            warmup = step < cfg.ppo.critic_warmup_iters  # value-only iterations (steps count from 0)
+            step_groups = groups[1:] if warmup else groups
 
             # ---- 7. PPO epochs over minibatches
             stats: dict[str, list[float]] = defaultdict(list)
             all_ok, n_micro = True, cfg.train.grad_accum
             per_epoch = len(traj) // cfg.ppo.minibatch_size
-            for k, mb_rows in enumerate(minibatches(len(traj), cfg.ppo.minibatch_size, cfg.ppo.epochs,
+            for n_mb, mb_rows in enumerate(minibatches(len(traj), cfg.ppo.minibatch_size, cfg.ppo.epochs,
                                                     rollout_seed(cfg.train.seed, step, info.rank, -1))):
                 total = 0.0
                 for j, m in enumerate(mb_rows.chunk(n_micro)):
                     with no_sync([ddp_policy, ddp_critic], j == n_micro - 1), autocast(amp, info.device):
                         loss, st = ppo_loss(ddp_policy, ddp_critic, traj.select(m), advantages[m], returns[m], cfg,
-                                            next(ptx) if ptx is not None else None, ptx_model=policy)
+                                            next(ptx) if ptx is not None and not warmup else None,
+                                            ptx_model=policy, update_policy=not warmup)
                         (loss / n_micro).backward()
                     total += loss.item() / n_micro
                     for name, v in st.items():
                         stats[name].append(v)
-                    if k < per_epoch:
+                    if n_mb < per_epoch:
                         stats["_first_epoch_entropy"].append(st["policy/entropy"])
-                ok, norms = step_optimizers(groups, cfg.train.grad_clip, total, info)
+                if warmup:  # the policy's grads (zero: its loss term is off) are dropped, its optimizer untouched
+                    policy_opt.zero_grad(set_to_none=True)
+                ok, norms = step_optimizers(step_groups, cfg.train.grad_clip, total, info)
+                norms = [0.0, *norms] if warmup else norms
                 all_ok &= ok
                 stats["train/loss"].append(total)
                 stats["train/grad_norm"].append(norms[0])
-                stats["val/grad_norm"].append(norms[1])
+                stats["val/grad_norm"].append(norms[1] if len(norms) > 1 else 0.0)
             lr = policy_sched.get_last_lr()[0]
             policy_sched.step()
-            critic_sched.step()
+            if critic_sched is not None:
+                critic_sched.step()
 
             # ---- 8. KL controller, metrics, guards
             first_epoch_entropy = stats.pop("_first_epoch_entropy")
@@ -433,8 +496,10 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
                 "ppo/lr": lr, "train/lr": lr, "ppo/kl_coef": kl_coef,
                 "ppo/reply_length": float(ro.mask.sum(1).float().mean()),
                 "ppo/eot_rate": float(ro.ended.float().mean()),
-                "ppo/duplicate_rate": near_duplicate_rate(ro.texts),
-                **{k: sum(v) / len(v) for k, v in stats.items()},
+                "ppo/duplicate_rate": near_duplicate_rate(ro.texts[::k]),  # one reply per prompt
+                "ppo/within_prompt_std": float(scores.view(-1, k).std(dim=1).mean()) if k > 1 else 0.0,
+                "ppo/critic_warmup": float(warmup),
+                **{name: sum(v) / len(v) for name, v in stats.items()},
             }
             if cfg.ptx.coef == 0:
                 metrics["ppo/ptx_loss"] = 0.0
@@ -450,9 +515,12 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
                        "reference": {"spec": ref_spec or "policy with adapters off"}}
         fingerprint = {"policy": str(src), "reward": cfg.reward, "prompts_sha256": prompts_hash[:16],
                        "prompts": len(prompts), "batch_size": cfg.train.batch_size, "world_size": info.world_size,
-                       "lora": cfg.lora.enabled, "critic": critic_desc, "ptx": cfg.ptx.coef > 0}
-        stateful = {"policy_opt": policy_opt, "critic_opt": critic_opt, "policy_sched": policy_sched,
-                    "critic_sched": critic_sched, "kl_ctl": kl_ctl, "prompts": stream, "guards": guards}
+                       "lora": cfg.lora.enabled, "critic": critic_desc, "ptx": cfg.ptx.coef > 0,
+                       "samples_per_prompt": k, "baseline": cfg.ppo.baseline}
+        stateful = {"policy_opt": policy_opt, "policy_sched": policy_sched, "kl_ctl": kl_ctl, "prompts": stream,
+                    "guards": guards}
+        if critic_opt is not None:
+            stateful.update(critic_opt=critic_opt, critic_sched=critic_sched)
         if ptx is not None:
             stateful["ptx"] = ptx
         state = train_loop(run_, cfg.train, step_fn=step_fn, modules=modules,

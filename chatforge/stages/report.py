@@ -213,8 +213,16 @@ def judge_outcomes(prompts: list[dict], a: list[str], b: list[str], labelers: li
 
 
 def rm_outcomes(scores_a: list[float], scores_b: list[float]) -> list[float]:
-    """Higher reward wins; equal rewards tie."""
-    return [1.0 if x > y else 0.0 if x < y else 0.5 for x, y in zip(scores_a, scores_b, strict=True)]
+    """Higher reward wins; rewards equal up to batching noise tie.
+
+    The same reply scored in two batches differs in the last float bits (padding changes the
+    kernel's reduction order), which must not decide a comparison."""
+    def outcome(x: float, y: float) -> float:
+        if math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-4):
+            return 0.5
+        return 1.0 if x > y else 0.0
+
+    return [outcome(x, y) for x, y in zip(scores_a, scores_b, strict=True)]
 
 
 def compare(outcomes: list[float], a: list[str], b: list[str], n_boot: int, seed: int) -> dict:
