@@ -172,6 +172,6 @@ def serve(models: list[str] | None, db: str | None, host: str, port: int, no_aut
                      precision=precision)
     for m in app.state.served:
         others = ", ".join(a for a in m.aliases if a != m.id)
-        console.print(f"model {m.id}" + (f" (also: {others})" if others else "") + f" from {m.path}")
-    console.print(f"OpenAI-compatible API on http://{host}:{port}/v1 (metrics: /metrics; Ctrl-C stops)")
+        console.print(f"model {m.id}" + (f" (also: {others})" if others else "") + f" from {m.path}", soft_wrap=True)
+    console.print(f"OpenAI-compatible API on http://{host}:{port}/v1 (metrics: /metrics; Ctrl-C stops)", soft_wrap=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
