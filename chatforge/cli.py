@@ -284,6 +284,18 @@ def grpo(policy: str = PolicyOpt, reward: str = RewardOpt, prompts: str = Prompt
     _rl_command("grpo", "GRPOConfig", policy, reward, prompts, reference, out, config, set_, resume)
 
 
+@app.command()
+def bon(policy: str = PolicyOpt, reward: str = RewardOpt, prompts: str = PromptsOpt,
+        out: Path = typer.Option(Path("runs/bon"), "--out"), config: Path = ConfigOpt, set_: list[str] = SetOpt,
+        resume: bool = typer.Option(True, "--resume/--no-resume")) -> None:
+    """Best-of-n distillation: sample bon.n replies per prompt, the reward picks the best, SFT on the picks."""
+    from chatforge import config as config_mod
+    from chatforge.stages import bon as bon_stage
+
+    cfg = config_mod.load_config(config_mod.BoNConfig, config, set_)
+    cfg.policy, cfg.reward, cfg.prompts = policy or cfg.policy, reward or cfg.reward, prompts or cfg.prompts
+    bon_stage.run(cfg, out, resume=resume)
+
 @rm_app.command("train")
 def rm_train(
     model: str = typer.Option(None, "--model", "-m", help="Start from (usually the SFT run)."),

@@ -605,6 +605,41 @@ class GRPOConfig:
 
 
 @dataclass
+class BoNAlgoConfig:
+    n: int = 8
+    """Replies sampled per prompt; the reward picks the best (best-of-n, rejection sampling)."""
+    rounds: int = 1
+    """Sample -> pick -> SFT, repeated; round r samples from round r-1's model (RAFT, Llama 2's rejection sampling)."""
+    prompts_per_round: int = 128
+    """Prompts drawn (without replacement while they last) for each round."""
+    ensemble: list[str] = field(default_factory=list)
+    """Further reward sources scored beside `reward`; combined by `combine` (Coste et al. 2024)."""
+    combine: Literal["mean", "min"] = "mean"
+    """How ensemble scores combine: mean, or min = worst case (conservative against one RM's errors)."""
+    require_end_of_turn: bool = True
+    """Only replies that ended their turn can be picked (a cut-off reply is a bad demonstration)."""
+
+
+@dataclass
+class BoNConfig:
+    """`chatforge bon`: best-of-n distillation = sample n, the reward picks, SFT on the picks, repeat."""
+
+    policy: str | None = None
+    """The model to improve (usually the SFT run)."""
+    reward: str | None = None
+    """An RM run dir/HF dir/name, `tasks`, `rule` or `keyword:WORD` (as for ppo)."""
+    prompts: str | None = None
+    """Prompt JSONL or tasks:N[:SEED]."""
+    bon: BoNAlgoConfig = field(default_factory=BoNAlgoConfig)
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(max_new_tokens=32))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=40, lr=5e-4, warmup_steps=4, batch_size=8, seq_len=256, checkpoint_every=0, eval_every=0))
+    """The SFT step of each round (train.max_steps per round)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+@dataclass
 class EvalConfig:
     """`chatforge eval` settings; defaults keep a CPU run to a minute or two for a small model."""
 

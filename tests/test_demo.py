@@ -84,3 +84,23 @@ def test_demo_from_a_pretrained_chat_model_quick(tiny_tokenizer, tiny_model_fact
     for key in ("vs_sft", "vs_baseline", "sft_vs_baseline"):
         assert ev[key]["win_rate"]["n"] > 0
     assert ev["vs_baseline"]["baseline"] == str(base)
+
+
+def test_loop_round_with_best_of_n_distillation(demo_dir, tmp_path):
+    """`loop --set algo=bon`: the round's RM picks the best of n samples and the policy is SFT on the picks."""
+    import shutil
+
+    out = tmp_path / "loop"
+    shutil.copytree(demo_dir / "loop", out)
+    shutil.rmtree(out / "round-2")
+    cfg = LoopConfig(**json.loads((demo_dir / "loop" / "loop_config.json").read_text()))
+    cfg.out, cfg.algo, cfg.report = str(out), "bon", False
+    cfg.algo_set = ["bon.n=2", "bon.prompts_per_round=4", "bon.require_end_of_turn=false",
+                    "rollout.max_new_tokens=8", "train.max_steps=2", "train.batch_size=2", "train.seq_len=64",
+                    "log.tensorboard=false"]
+    res = run_loop(cfg)
+    pol = out / "round-2" / "policy"
+    assert len(res["rounds"]) == 2 and (out / "round-2" / "eval.json").exists()
+    assert json.loads((pol / "manifest.json").read_text())["stage"] == "bon"
+    picks = [json.loads(x) for x in (pol / "round-1" / "picks.jsonl").read_text().splitlines()]
+    assert len(picks) == 4 and all(p["meta"]["reward"] == str(out / "round-2" / "rm") for p in picks)

@@ -46,7 +46,8 @@ class LoopConfig:
     """Use people's rankings instead of a simulated panel: expects labels_dir/round-N.jsonl."""
     wait_for_labels: Literal["stop", "wait"] = "stop"
     wait_seconds: int = 3600
-    algo: Literal["ppo", "dpo", "grpo"] = "ppo"
+    algo: Literal["ppo", "dpo", "grpo", "bon"] = "ppo"
+    """ppo | dpo | grpo | bon (best-of-n distillation: sample n, the round's RM picks, SFT on the picks)."""
     rm_set: list[str] = field(default_factory=list)
     """--set overrides for each round's reward model (e.g. train.max_steps=200)."""
     algo_set: list[str] = field(default_factory=list)
@@ -117,7 +118,7 @@ def _train_policy(cfg: LoopConfig, r: int, policy: str, rm_dir: Path, cmp_paths:
 
     from chatforge import config as config_mod
 
-    cls = {"ppo": "PPOConfig", "dpo": "DPOConfig", "grpo": "GRPOConfig"}[cfg.algo]
+    cls = {"ppo": "PPOConfig", "dpo": "DPOConfig", "grpo": "GRPOConfig", "bon": "BoNConfig"}[cfg.algo]
     acfg = load_config(getattr(config_mod, cls), None, cfg.algo_set)
     acfg.policy = policy
     if cfg.algo == "dpo":
@@ -125,7 +126,8 @@ def _train_policy(cfg: LoopConfig, r: int, policy: str, rm_dir: Path, cmp_paths:
     else:
         acfg.reward = str(rm_dir)
         acfg.prompts = _seeded(cfg.algo_prompts, 100 + r)
-        acfg.reference = cfg.sft
+        if hasattr(acfg, "reference"):
+            acfg.reference = cfg.sft
     importlib.import_module(f"chatforge.stages.{cfg.algo}").run(acfg, out)
 
 
