@@ -544,6 +544,18 @@ class PTXConfig:
 
 
 @dataclass
+class GoldConfig:
+    """Over-optimisation monitor of an RL run: proxy vs gold on validation prompts against KL."""
+
+    spec: str | None = None
+    """The gold judge as a reward spec (`rule`, `tasks`, an RM); none = off."""
+    every: int = 10
+    """Measure every N iterations (and at iteration 0)."""
+    prompts: str = "tasks-heldout:4:977"
+    """Validation prompts (a draw no test set uses); the best-gold policy is kept in best_gold/."""
+
+
+@dataclass
 class PPOConfig:
     policy: str | None = None
     """The model to train (usually the SFT run): a run dir, HF dir, model name or hub id."""
@@ -562,6 +574,7 @@ class PPOConfig:
     critic: CriticConfig = field(default_factory=CriticConfig)
     ptx: PTXConfig = field(default_factory=PTXConfig)
     guards: RLGuardConfig = field(default_factory=RLGuardConfig)
+    gold: GoldConfig = field(default_factory=GoldConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA on the policy and on the critic (unless critic.shared)."""
     log: LogConfig = field(default_factory=LogConfig)
@@ -600,6 +613,7 @@ class GRPOConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grpo: GRPOAlgoConfig = field(default_factory=GRPOAlgoConfig)
     guards: RLGuardConfig = field(default_factory=RLGuardConfig)
+    gold: GoldConfig = field(default_factory=GoldConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     log: LogConfig = field(default_factory=LogConfig)
 

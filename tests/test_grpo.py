@@ -123,3 +123,16 @@ def test_grpo_config_errors(setup, tmp_path):
         grpo.run(cfg, tmp_path / "o")
     assert not (tmp_path / "o").exists()
     assert LoraConfig().enabled is False
+
+
+def test_grpo_logs_gold_and_proxy(setup, tmp_path):
+    from chatforge.stages import grpo
+
+    model_dir, prompts = setup
+    res = grpo.run(load_config(GRPOConfig, None, _sets(model_dir, prompts, 3, ["gold.spec=keyword:a", "gold.every=2",
+                                                                             f"gold.prompts={prompts}"])),
+                   tmp_path / "run", resume=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [i for i, r in enumerate(rows) if "objective/gold" in r] == [0, 2]
+    assert res["gold_best"] == max(r["objective/gold"] for r in rows if "objective/gold" in r)
+    assert (tmp_path / "run" / "best_gold" / "config.json").exists()

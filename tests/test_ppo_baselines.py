@@ -140,3 +140,31 @@ def test_k_samples_per_prompt_resume_exactly_after_sigkill(setup, tmp_path):
     assert "resumed from" in r.stdout
     for name in ("model/model.safetensors", "checkpoints/step-6/critic.safetensors"):
         assert (ref / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_gold_and_proxy_are_logged_against_kl_and_the_best_gold_policy_is_kept(setup, tmp_path):
+    from chatforge.stages import ppo
+
+    root, model_dir, prompts = setup
+    cfg = load_config(PPOConfig, None, _sets(model_dir, prompts, 5, ["ppo.samples_per_prompt=2", "ppo.baseline=both",
+                                                                    "gold.spec=keyword:a", "gold.every=2",
+                                                                    f"gold.prompts={prompts}"]))
+    res = ppo.run(cfg, tmp_path / "run", resume=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    measured = [i for i, r in enumerate(rows) if "objective/gold" in r]
+    assert measured == [0, 2, 4]  # iterations 0, 2, 4 (every 2)
+    for i in measured:
+        assert {"objective/gold", "objective/proxy", "objective/gold_best", "objective/kl"} <= set(rows[i])
+    golds = [rows[i]["objective/gold"] for i in measured]
+    assert res["gold_best"] == pytest.approx(max(golds)) and rows[measured[-1]]["objective/gold_best"] == max(golds)
+    assert (tmp_path / "run" / "best_gold" / "config.json").exists()
+
+
+def test_gold_that_cannot_score_the_validation_prompts_fails_before_work(setup, tmp_path):
+    from chatforge.stages import ppo
+
+    root, model_dir, prompts = setup
+    cfg = load_config(PPOConfig, None, _sets(model_dir, prompts, 2, ["gold.spec=tasks", f"gold.prompts={prompts}"]))
+    with pytest.raises(UserError, match="cannot score the validation prompts"):
+        ppo.run(cfg, tmp_path / "run", resume=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -411,3 +411,63 @@ def keep_scorable(reward: Any, prompts: list[dict], ids: list[list[int]]) -> tup
     if not keep:
         raise UserError("--reward tasks needs task-suite prompts (e.g. --prompts tasks:50); none of the prompts is one")
     return [prompts[i] for i in keep], [ids[i] for i in keep]
+
+
+class GoldMonitor:
+    """Over-optimisation check (Gao et al. 2022) inside an RL run: every `every` iterations the policy's
+    greedy replies to a fixed validation prompt set are scored by the proxy (the reward being optimised)
+    and by the gold (a judge the policy never sees), logged as `objective/proxy` and `objective/gold`
+    beside `objective/kl`; the policy with the best validation gold so far is saved to `best_dir`.
+
+    The validation prompts are a separate draw (a seed no test set uses), so the kept checkpoint is
+    chosen without looking at the test prompts. `state_dict` carries the best score across resumes.
+    """
+
+    def __init__(self, gold: str, proxy: Any, prompts: str, tok: Any, max_new_tokens: int, every: int,
+                 best_dir: Any, device: torch.device | str = "cpu", context: int | None = None):
+        from chatforge.core.rewards import TaskReward, make_reward_source
+
+        self.gold = make_reward_source(gold, device)
+        self.proxy, self.tok, self.every, self.best_dir = proxy, tok, every, best_dir
+        self.max_new_tokens = max_new_tokens
+        self.prompts, self.ids, _ = prepare_prompts(prompts, tok, max_new_tokens, context)
+        if isinstance(self.gold, TaskReward) or isinstance(proxy, TaskReward):
+            from chatforge.data.tasks import find_family
+
+            if any(find_family(p) is None for p in self.prompts):
+                raise UserError(f"gold.spec={gold}: the task-suite checker cannot score the validation prompts "
+                                f"'{prompts}' (use gold.prompts=tasks-heldout:N:SEED)")
+        if not self.prompts:
+            raise UserError(f"gold.prompts='{prompts}': no validation prompt fits the model's context")
+        self.best = -math.inf
+        self.best_step = -1
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def measure(self, policy: Any, step: int, is_main: bool = True) -> dict[str, float]:
+        """Score the validation replies; save the policy if its gold is the best so far."""
+        from chatforge.core.model import save_model
+        from chatforge.core.rewards import score_rollout
+
+        bare = unwrap(policy)
+        was_training = bare.training
+        bare.eval()
+        with torch.no_grad():
+            ro = generate_rollouts(bare, self.tok, self.prompts, self.ids, max_new_tokens=self.max_new_tokens,
+                                   temperature=0.0, top_k=0, top_p=1.0, seeds=list(range(len(self.prompts))))
+        bare.train(was_training)
+        gold = float(np.mean(self.gold.score(ro.prompts, ro.texts)))
+        proxy = float(np.mean(score_rollout(self.proxy, self.tok, ro)))
+        out = {"objective/gold": gold, "objective/proxy": proxy, "objective/gold_best": max(gold, self.best)}
+        if gold > self.best:
+            self.best, self.best_step = gold, step
+            if is_main:
+                save_model(bare, self.tok, self.best_dir)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_step = state["best"], state["best_step"]

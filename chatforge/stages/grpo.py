@@ -39,6 +39,7 @@ from chatforge.core.model import count_params, save_model, unwrap
 from chatforge.core.rewards import make_reward_source
 from chatforge.core.rl import get_kl_estimator, group_advantages, masked_mean, masked_sum, ppo_policy_loss
 from chatforge.core.rollout import (
+    GoldMonitor,
     HackingGuards,
     PromptStream,
     any_rank,
@@ -140,6 +141,8 @@ def run(cfg: GRPOConfig, out: Path, resume: bool = True) -> dict:
         params = [p for p in policy.parameters() if p.requires_grad]
         guards = HackingGuards(cfg.guards, "grpo")
         amp = autocast_dtype(cfg.train, info.device)
+        gold = (GoldMonitor(cfg.gold.spec, reward, cfg.gold.prompts, tok, cfg.rollout.max_new_tokens, cfg.gold.every,
+                            Path(out) / "best_gold", info.device, context) if cfg.gold.spec else None)
         ro_cfg, chunk, k = cfg.rollout, cfg.rollout.forward_batch_size, cfg.grpo.group_size
 
         def step_fn(step: int) -> dict:
@@ -199,6 +202,8 @@ def run(cfg: GRPOConfig, out: Path, resume: bool = True) -> dict:
                 kl = get_kl_estimator(cfg.grpo.kl_estimator)(old_logprobs, ref_logprobs)
                 metrics["objective/kl"] = float(masked_sum(kl, ro.mask, dim=1).mean())
             metrics = all_reduce_mean(metrics, info)
+            if gold is not None and gold.due(step):  # over-optimisation: proxy vs gold on validation prompts
+                metrics.update(gold.measure(policy, step, info.is_main))
             metrics.update(guards.update(metrics))
             return {**metrics, "_tokens": int(ro.mask.sum()), "_ok": all_ok}
 
@@ -210,12 +215,14 @@ def run(cfg: GRPOConfig, out: Path, resume: bool = True) -> dict:
                        "prompts": len(prompts), "batch_size": cfg.train.batch_size, "group_size": k,
                        "world_size": info.world_size, "lora": cfg.lora.enabled}
         state = train_loop(run_, cfg.train, step_fn=step_fn, modules={"policy": policy},
-                           stateful={"optimizer": opt, "scheduler": sched, "prompts": stream, "guards": guards},
+                           stateful={"optimizer": opt, "scheduler": sched, "prompts": stream, "guards": guards,
+                                     **({"gold": gold} if gold is not None else {})},
                            fingerprint=fingerprint, resume=resume, should_stop=guards.should_stop)
 
         summary = {"iterations": state.step, "reply_tokens": state.tokens, "final_loss": state.ema_loss,
                    "skipped_steps": state.skipped_steps, "prompts": len(prompts), "skipped_too_long": too_long,
-                   "guards_fired": dict(guards.fired), "stopped_early": state.step < cfg.train.max_steps}
+                   "guards_fired": dict(guards.fired), "stopped_early": state.step < cfg.train.max_steps,
+                   **({"gold_best": gold.best, "gold_best_step": gold.best_step} if gold is not None else {})}
         if info.is_main:
             save_model(policy, tok, run_.model_dir)
         run_.write_manifest("completed", summary)

@@ -88,6 +88,7 @@ from chatforge.core.rl import (
     rloo_advantages,
 )
 from chatforge.core.rollout import (
+    GoldMonitor,
     HackingGuards,
     PromptStream,
     any_rank,
@@ -409,6 +410,8 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
         ptx = make_ptx_loader(cfg.ptx, tok, cfg.train.seed, info) if cfg.ptx.coef > 0 else None
         amp = autocast_dtype(cfg.train, info.device)
         ro_cfg, chunk, shared = cfg.rollout, cfg.rollout.forward_batch_size, cfg.critic.shared
+        gold = (GoldMonitor(cfg.gold.spec, reward, cfg.gold.prompts, tok, ro_cfg.max_new_tokens, cfg.gold.every,
+                            Path(out) / "best_gold", info.device, context) if cfg.gold.spec else None)
         reuse_logprobs = engine_logprobs_usable(ro_cfg.temperature, ro_cfg.top_k, ro_cfg.top_p, amp)
 
         def step_fn(step: int) -> dict:
@@ -504,6 +507,8 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
             if cfg.ptx.coef == 0:
                 metrics["ppo/ptx_loss"] = 0.0
             metrics = all_reduce_mean(metrics, info)  # every rank takes the same KL and guard decisions
+            if gold is not None and gold.due(step):  # over-optimisation: proxy vs gold on validation prompts
+                metrics.update(gold.measure(policy, step, info.is_main))
             kl_ctl.update(metrics["objective/kl"], n_steps=len(traj) * info.world_size)
             metrics.update(guards.update(metrics))
             return {**metrics, "_tokens": int(ro.mask.sum()), "_ok": all_ok}
@@ -521,6 +526,8 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
                     "guards": guards}
         if critic_opt is not None:
             stateful.update(critic_opt=critic_opt, critic_sched=critic_sched)
+        if gold is not None:
+            stateful["gold"] = gold
         if ptx is not None:
             stateful["ptx"] = ptx
         state = train_loop(run_, cfg.train, step_fn=step_fn, modules=modules,
@@ -529,7 +536,8 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
         summary = {"iterations": state.step, "reply_tokens": state.tokens, "final_loss": state.ema_loss,
                    "skipped_steps": state.skipped_steps, "prompts": len(prompts), "skipped_too_long": too_long,
                    "kl_coef": kl_ctl.value, "guards_fired": dict(guards.fired),
-                   "stopped_early": state.step < cfg.train.max_steps}
+                   "stopped_early": state.step < cfg.train.max_steps,
+                   **({"gold_best": gold.best, "gold_best_step": gold.best_step} if gold is not None else {})}
         if info.is_main:
             save_model(policy, tok, run_.model_dir)
         run_.write_manifest("completed", summary)
