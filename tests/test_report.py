@@ -60,7 +60,9 @@ def lineage(tmp_path_factory, tiny_tokenizer, tiny_model_factory):
     _manifest(ppo, "ppo-c", "ppo", parent="sft-b", inputs={"policy": {"path": str(sft / "model")}},
               config={"prompts": "tasks:4"}, metrics={"guards_fired": {"kl": 1}})
     _metrics(ppo, [{"objective/kl": 0.1 * i, "objective/entropy": 2.0 - 0.1 * i, "objective/scores": 0.2 * i,
-                    "guards/kl": float(i == 3)} for i in range(5)])
+                    "guards/kl": float(i == 3),
+                    **({"objective/gold": 0.5 - 0.1 * (i - 2) ** 2, "objective/proxy": 0.3 * i} if i % 2 == 0 else {})}
+                   for i in range(5)])
     other = save_tiny_model(root / "other", tok, tiny_model_factory, seed=4)
     rm = _tiny_rm(root / "rm", tok)
     cmp = root / "cmp.jsonl"
@@ -175,6 +177,8 @@ def test_curves_guards_and_overlap(report):
     curves = {c["stage"]: c for c in rep["plots"]["curves"]}
     assert set(curves) == {"pretrain", "sft", "ppo"}
     assert {"objective/kl", "objective/entropy"} <= set(curves["ppo"]["keys"]) and "val/loss" in curves["pretrain"]["keys"]
+    assert {"objective/gold", "objective/proxy"} <= set(curves["ppo"]["keys"])  # the gold/proxy vs sqrt(KL) panel
+    assert "objective/gold" not in curves["sft"]["keys"]
     assert any("guard 'kl'" in w and "ppo-c" in w for w in rep["warnings"])
     ov = rep["prompts"]["overlap"]
     assert ov["overlapping"] == 1 and ov["overlapping_ids"] == [0]

@@ -44,10 +44,23 @@ def plot_curves(run: dict, path: Path) -> list[str]:
     """One figure per run: a panel per metric group present in its metrics.jsonl. Returns the keys drawn."""
     panels = [(title, [k for k in keys if _series(run["rows"], k)[0]]) for title, keys in CURVE_PANELS]
     panels = [(t, ks) for t, ks in panels if ks]
-    if not panels:
+    # Gao et al.'s figure: gold and proxy on validation prompts against sqrt(KL) (RL runs with gold.spec)
+    overopt = [(max(r["objective/kl"], 0.0) ** 0.5, r["objective/gold"], r.get("objective/proxy"))
+               for r in run["rows"] if isinstance(r.get("objective/gold"), (int, float))
+               and isinstance(r.get("objective/kl"), (int, float))]
+    if not panels and not overopt:
         return []
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    n_axes = len(panels) + bool(overopt)
+    fig, axes = plt.subplots(1, n_axes, figsize=(4.2 * n_axes, 3.2), squeeze=False)
+    if overopt:
+        ax = axes[0][-1]
+        xs = [o[0] for o in overopt]
+        ax.plot(xs, [o[1] for o in overopt], marker="o", ms=3, label="objective/gold")
+        ax.plot(xs, [o[2] for o in overopt], marker="s", ms=3, label="objective/proxy")
+        ax.set(title="over-optimisation", xlabel="sqrt(KL to reference)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     for ax, (title, keys) in zip(axes[0], panels):
         for k in keys:
             x, y = _series(run["rows"], k)
@@ -59,7 +72,7 @@ def plot_curves(run: dict, path: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=90)
     plt.close(fig)
-    return [k for _, ks in panels for k in ks]
+    return [k for _, ks in panels for k in ks] + (["objective/gold", "objective/proxy"] if overopt else [])
 
 
 def plot_accuracy(models: dict[str, dict], path: Path) -> None:
