@@ -363,3 +363,13 @@ def test_labeler_agreement_of_heldout_comparisons():
     other = res["by_source"]["unknown" if not a.source else a.source]
     assert other == {"agreement": pytest.approx(2 / 3), "pairs": 3}
     assert labeler_agreement([lone]) is None
+
+
+def test_normalisation_sample_spans_the_whole_file():
+    from chatforge.stages.rm import normalisation_sample
+
+    items = [f"{fam}-{i}" for fam in ("arith", "caps", "sort", "json") for i in range(100)]  # family by family
+    pick = normalisation_sample(items, 40, seed=3)
+    assert len(pick) == 40 == len(set(pick)) and pick == sorted(pick, key=items.index)  # file order kept
+    assert {p.split("-")[0] for p in pick} == {"arith", "caps", "sort", "json"}  # the first 40 rows: arith only
+    assert normalisation_sample(items, 40, seed=3) == pick and normalisation_sample(items[:5], 40, 0) == items[:5]

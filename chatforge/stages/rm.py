@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,14 @@ def save_reward_model(model: Any, tok: Any, norm: RewardNorm, out_dir: Path) -> 
         (tmp / REWARD_NORM_FILE).write_text(json.dumps(asdict(norm), indent=2) + "\n", encoding="utf-8")
 
 
+def normalisation_sample(items: list, k: int, seed: int) -> list:
+    """At most `k` items drawn at random over the whole list, in their order: the file's first rows
+    would be the first prompt families only (prompts are generated family by family)."""
+    if len(items) <= k:
+        return list(items)
+    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), k))]
+
+
 def fit_normalisation(model: Any, examples: list[RMExample], pad_id: int, cfg: RMConfig, info: DistInfo
                       ) -> RewardNorm:
     """Mean/std of raw rewards on the chosen policy's distinct replies (sharded over ranks)."""
@@ -166,7 +175,7 @@ def fit_normalisation(model: Any, examples: list[RMExample], pad_id: int, cfg: R
             if (ex.task_id, rid) not in seen and (not policy or pol == policy):
                 seen.add((ex.task_id, rid))
                 seqs.append(s)
-    seqs = seqs[: cfg.norm.max_replies]
+    seqs = normalisation_sample(seqs, cfg.norm.max_replies, cfg.train.seed)
     bare = unwrap(model)
     bare.eval()
     raw = score_sequences(bare, seqs[info.rank::info.world_size], pad_id, cfg.train.batch_size * 4, info.device)
