@@ -477,6 +477,128 @@ def registry_show(
         console.print(lineage_tree(run_id, registry))
 
 
+# ----------------------------------------------------------------------------- storage: keys, users, db, export
+keys_app = typer.Typer(no_args_is_help=True, help="API keys (stored hashed; the secret is shown once).")
+users_app = typer.Typer(no_args_is_help=True, help="Web app accounts.")
+db_app = typer.Typer(no_args_is_help=True, help="The server's database (SQLite by default, PostgreSQL by URL).")
+export_app = typer.Typer(no_args_is_help=True, help="Turn what people said into training data.")
+app.add_typer(keys_app, name="keys")
+app.add_typer(users_app, name="users")
+app.add_typer(db_app, name="db")
+app.add_typer(export_app, name="export")
+DbOpt = typer.Option("runs/chatforge.db", "--db", help="SQLite path or URL (postgresql+psycopg://user@host/db).")
+
+
+def _db(url: str):
+    from chatforge.server.db import open_db
+
+    return open_db(url)
+
+
+def _repo_call(fn, *args, **kw):
+    """Run a repository call, turning its client errors into one-line user errors."""
+    from chatforge.server.db.repo import Invalid, NotFound
+
+    try:
+        return fn(*args, **kw)
+    except (Invalid, NotFound) as e:
+        raise UserError(str(e)) from None
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str = typer.Option(..., "--name", "-n", help="Who or what the key is for."),
+    rate: int = typer.Option(None, "--rate", help="Requests per minute (default: unlimited)."),
+    no_store: bool = typer.Option(False, "--no-store", help="Do not store this key's completions."),
+    db: str = DbOpt,
+) -> None:
+    """Create a key and print its secret (once: only a SHA-256 of it is stored)."""
+    key, token = _repo_call(_db(db).create_key, name, rate, not no_store)
+    print(token)
+    print(f"created {key.id} ({key.name}, rate {key.rate_per_min or 'unlimited'}/min, "
+          f"{'stored' if key.store else 'not stored'}); use it as: Authorization: Bearer {key.prefix}…",
+          file=sys.stderr)
+
+
+@keys_app.command("list")
+def keys_list(db: str = DbOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Keys with their shown prefix, rate, storage choice, last use and revocation."""
+    import json
+
+    from rich.table import Table
+
+    from chatforge.core.log import console
+
+    rows = [{"id": k.id, "name": k.name, "prefix": k.prefix, "rate_per_min": k.rate_per_min, "store": k.store,
+             "created_at": k.created_at.isoformat(timespec="seconds"),
+             "last_used_at": k.last_used_at.isoformat(timespec="seconds") if k.last_used_at else None,
+             "revoked_at": k.revoked_at.isoformat(timespec="seconds") if k.revoked_at else None}
+            for k in _db(db).list_keys()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("name", "rate/min", "store", "created", "last used", "revoked")
+    table.add_column("id", no_wrap=True, min_width=20)  # the id is what `keys revoke` takes: never cut
+    table.add_column("prefix", no_wrap=True, min_width=11)
+    for r in rows:
+        table.add_row(r["name"], str(r["rate_per_min"] or "-"), "yes" if r["store"] else "no", r["created_at"][:10],
+                      (r["last_used_at"] or "-")[:10], (r["revoked_at"] or "-")[:10], r["id"], r["prefix"] + "…")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="Key id (key_…) or its shown prefix."), db: str = DbOpt) -> None:
+    """Revoke a key: requests with it get 401 from now on."""
+    key = _repo_call(_db(db).revoke_key, key_id)
+    print(f"revoked {key.id} ({key.name})")
+
+
+@users_app.command("create")
+def users_create(
+    username: str = typer.Argument(..., help="Login name."),
+    admin: bool = typer.Option(False, "--admin", help="Same as --role admin."),
+    role: str = typer.Option("user", "--role", help="admin | labeler | user"),
+    password: str = typer.Option(..., "--password", prompt=True, hide_input=True, confirmation_prompt=True,
+                                 help="Prompted for when not given."),
+    email: str = typer.Option(None, "--email"),
+    db: str = DbOpt,
+) -> None:
+    """Create a web app account (argon2 password hash)."""
+    from chatforge.server.auth import hash_password
+    from chatforge.server.db import repo
+
+    with _db(db).session() as s:
+        user = _repo_call(repo.create_user, s, username, hash_password(password), "admin" if admin else role, email)
+        print(f"created user {user.username} ({user.id}, role {user.role})")
+
+
+@db_app.command("upgrade")
+def db_upgrade(db: str = DbOpt) -> None:
+    """Apply the Alembic migrations (serve does this on start too)."""
+    from chatforge.server.db.engine import make_engine
+    from chatforge.server.db.migrate import upgrade
+
+    engine = make_engine(db)
+    before, after = upgrade(engine)
+    where = engine.url.render_as_string(hide_password=True)
+    print(f"{where}: at revision {after}" + ("" if before == after else f" (was {before or 'empty'})"))
+
+
+@export_app.command("feedback")
+def export_feedback_cmd(
+    db: str = DbOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for comparisons/demonstrations/feedback JSONL."),
+    max_policy_age: int = typer.Option(None, "--max-policy-age", help="Drop replies from versions older than N rounds."),
+    scrub: str = typer.Option("default", "--scrub", help="PII scrub: default (emails, phones) | none | module:function."),
+) -> None:
+    """Thumbs, chosen regenerates and edits as comparisons (rm train, dpo, loop) and demonstrations (sft)."""
+    import json
+
+    from chatforge.server.export import export_feedback, load_scrub
+
+    print(json.dumps(export_feedback(_db(db), out, max_policy_age, load_scrub(scrub)), indent=2))
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
