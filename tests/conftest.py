@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+pytest_plugins = ["postgres"]  # a real PostgreSQL server for the storage tests (tests/postgres.py)
+
 # Tests share 2 cores with everything else: keep torch single-threaded and deterministic.
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
