@@ -133,7 +133,7 @@ def test_export_rules(db, tmp_path):
     assert rep["comparisons_by_signal"] == {"edit": 1, "preferred": 2}
     assert len(demos) == 1 and demos[0].messages[-1].content == "Mail [email] instead."
     text = (tmp_path / "out" / "comparisons.jsonl").read_text() + (tmp_path / "out" / "feedback.jsonl").read_text()
-    assert "bob@example.com" not in text and "555" not in text and "[phone]" in text
+    assert "bob@example.com" not in text and "555 0100" not in text and "555-0100" not in text and "[phone]" in text
     ev = json.loads((tmp_path / "out" / "feedback.jsonl").read_text().splitlines()[0])
     assert {"conversation_id", "message_id", "rating", "reason", "policy", "created_at"} <= set(ev)
     assert rep["policy_ages"] == {"ppo-1": 0, "sft-0": 1}
