@@ -155,3 +155,18 @@ def test_key_opt_out_has_no_rows(db):
     assert db.list_keys()[0].store is False
     with db.session() as s:
         assert s.scalar(select(Completion).where(Completion.api_key_id == k.id)) is None
+
+
+def test_loop_uses_feedback_as_label_source(tmp_path):
+    from chatforge.stages.loop import LoopConfig, _feedback
+
+    url = str(tmp_path / "cf.db")
+    d = open_db(url)
+    empty = _feedback(LoopConfig(feedback_db=url), tmp_path / "round-1")
+    assert empty == [] and (tmp_path / "round-1" / "feedback" / "report.json").exists()
+    a = _store(d, "ppo-1", ["liked", "disliked"])
+    d.add_feedback(completion_id=a, choice_index=0, rating=1)
+    d.add_feedback(completion_id=a, choice_index=1, rating=-1)
+    (path,) = _feedback(LoopConfig(feedback_db=url), tmp_path / "round-2")
+    assert [c.ranking for c in read_comparisons(path)] == [[[f"{a}:0"], [f"{a}:1"]]]
+    assert _feedback(LoopConfig(), tmp_path / "round-3") == []

@@ -44,6 +44,13 @@ class LoopConfig:
     """Panel labelers per task (0 = every labeler ranks every task)."""
     labels_dir: str | None = None
     """Use people's rankings instead of a simulated panel: expects labels_dir/round-N.jsonl."""
+    extra_comparisons: list[str] = field(default_factory=list)
+    """Comparison files trained on in every round beside the rankings (e.g. an `export feedback` output)."""
+    feedback_db: str | None = None
+    """The `serve` database: each round exports its users' feedback (round-N/feedback/) and trains on those
+    comparisons too (only the latest round's export, which already holds every earlier event)."""
+    feedback_max_policy_age: int | None = None
+    """With feedback_db: drop replies from model versions older than N rounds (export --max-policy-age)."""
     wait_for_labels: Literal["stop", "wait"] = "stop"
     wait_seconds: int = 3600
     algo: Literal["ppo", "dpo", "grpo", "bon"] = "ppo"
@@ -97,6 +104,21 @@ def _labels(cfg: LoopConfig, r: int, tasks: Path, out: Path) -> None:
     from chatforge.stages.label import format_stats, label
 
     console.print(format_stats(label(tasks, out, cfg.labeler, per_task=cfg.per_task, seed=r)))
+
+
+def _feedback(cfg: LoopConfig, rdir: Path) -> list[Path]:
+    """This round's export of the serve database's feedback (kept once written, so a re-run resumes)."""
+    if not cfg.feedback_db:
+        return []
+    out = rdir / "feedback"
+    if not (out / "report.json").exists():
+        from chatforge.server.db import open_db
+        from chatforge.server.export import export_feedback
+
+        rep = export_feedback(open_db(cfg.feedback_db), out, cfg.feedback_max_policy_age)
+        print0(f"feedback from {cfg.feedback_db}: {rep['comparisons']} comparisons")
+    path = out / "comparisons.jsonl"
+    return [path] if path.stat().st_size else []
 
 
 def _train_rm(cfg: LoopConfig, r: int, cmp_paths: list[Path], prev_rm: Path | None, out: Path) -> None:
@@ -208,11 +230,12 @@ def run(cfg: LoopConfig) -> dict:
         _labels(cfg, r, tasks, cmp_path)
         (rdir / "labels.done").touch(exist_ok=True) if not (rdir / "labels.done").exists() else None
         cmp_paths.append(cmp_path)
+        train_paths = [*cmp_paths, *map(Path, cfg.extra_comparisons), *_feedback(cfg, rdir)]
         rm_dir = rdir / "rm"
         if cfg.algo != "dpo" or not _done(rm_dir):
-            _train_rm(cfg, r, cmp_paths, prev_rm, rm_dir)
+            _train_rm(cfg, r, train_paths, prev_rm, rm_dir)
         pol_dir = rdir / "policy"
-        _train_policy(cfg, r, policy, rm_dir, cmp_paths, pol_dir)
+        _train_policy(cfg, r, policy, rm_dir, train_paths, pol_dir)
         eval_path = rdir / "eval.json"
         if eval_path.exists():
             res = json.loads(eval_path.read_text(encoding="utf-8"))
