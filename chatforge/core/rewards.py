@@ -47,7 +47,7 @@ class RMReward:
 
     def __init__(self, spec: str, device: torch.device | str = "cpu", batch_size: int = 16):
         from chatforge.core.model import resolve_model_path
-        from chatforge.stages.rm_eval import load_reward_model
+        from chatforge.core.reward_model import load_reward_model
 
         self.name = f"rm:{spec}"
         self.path: Path = resolve_model_path(spec)
@@ -58,7 +58,7 @@ class RMReward:
         self._ids_ok: dict[int, bool] = {}  # id(policy tokenizer) -> can score its ids directly
 
     def score(self, prompts: list[dict], replies: list[str]) -> list[float]:
-        from chatforge.stages.rm_eval import score_texts
+        from chatforge.core.reward_model import score_texts
 
         with torch.no_grad():
             return score_texts(self.model, self.tok, [p["messages"] for p in prompts], list(replies), self.norm,
@@ -74,7 +74,7 @@ class RMReward:
 
     def score_ids(self, seqs: list[list[int]]) -> list[float]:
         """Normalised scores of whole rendered conversations given as this RM's token ids."""
-        from chatforge.stages.rm_eval import score_token_ids
+        from chatforge.core.reward_model import score_token_ids
 
         with torch.no_grad():
             return score_token_ids(self.model, seqs, self.norm, self.batch_size)
@@ -112,7 +112,7 @@ class RuleReward:
     name = "rule"
 
     def score(self, prompts: list[dict], replies: list[str]) -> list[float]:
-        from chatforge.stages.label import rule_utility
+        from chatforge.data.utility import rule_utility
 
         return [float(rule_utility(p, r)) for p, r in zip(prompts, replies, strict=True)]
 
@@ -170,14 +170,14 @@ def score_rollout(reward: RewardSource, tok: Any, ro: Any) -> list[float]:
     """Scores of a `core.rollout.Rollout` sampled with tokenizer `tok`: token ids straight into an RM that
     shares them (and its template), else `reward.score` on the decoded texts."""
     if isinstance(reward, RMReward) and reward.accepts_ids_of(tok):
-        from chatforge.stages.rm_eval import _seq_len
+        from chatforge.core.reward_model import score_length
 
         stops = set(stop_token_ids(tok))
         seqs = []
         for prompt, reply, ended in zip(ro.prompt_ids, ro.token_ids, ro.ended.tolist(), strict=True):
             body = reply[:-1] if ended and reply and reply[-1] in stops else reply  # the stop token is not text
             seqs.append(prompt + body + reward.turn_suffix)  # type: ignore[operator]
-        if max(map(len, seqs)) <= _seq_len(reward.model, None):  # too long: the text path cuts old turns
+        if max(map(len, seqs)) <= score_length(reward.model, None):  # too long: the text path cuts old turns
             return reward.score_ids(seqs)
     return reward.score(ro.prompts, ro.texts)
 

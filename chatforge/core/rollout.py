@@ -82,7 +82,7 @@ def load_reference(spec: str | None, policy: Any, tok: Any, lora: bool, device: 
 def prepare_prompts(spec: str, tok: Any, max_new_tokens: int, context: int | None) -> tuple[list[dict], list[list[int]], int]:
     """(prompts, their rendered ids, how many were skipped) — a prompt is skipped when it leaves no room
     for `max_new_tokens` in the model's context."""
-    from chatforge.stages.sample import load_prompts
+    from chatforge.data.prompts import load_prompts
 
     prompts, ids, too_long = [], [], 0
     for p in load_prompts(spec):

@@ -23,7 +23,7 @@ import hashlib
 import json
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from chatforge.core.distributed import (
 from chatforge.core.io import UserError, atomic_dir
 from chatforge.core.log import print0, warn
 from chatforge.core.model import apply_lora, count_params, merged, resolve_model_path, unwrap
+from chatforge.core.reward_model import REWARD_NORM_FILE, RewardNorm  # noqa: F401  (re-exported)
 from chatforge.core.run import Run, parent_run_id
 from chatforge.core.tokenizer import PAD, load_tokenizer, stop_token_ids
 from chatforge.core.train import (
@@ -60,36 +61,6 @@ from chatforge.data.rm_data import (
     sequence_rewards,
     split_comparisons,
 )
-
-REWARD_NORM_FILE = "reward_norm.json"
-
-
-@dataclass
-class RewardNorm:
-    """Affine normalisation of raw rewards, fitted on the SFT policy's replies after training."""
-
-    mean: float = 0.0
-    std: float = 1.0
-    n: int = 0
-    policy: str = ""
-    divide_std: bool = False
-
-    def apply(self, raw: float | torch.Tensor) -> float | torch.Tensor:
-        r = raw - self.mean
-        return r / self.std if self.divide_std and self.std > 0 else r
-
-    @classmethod
-    def load(cls, model_dir: Path) -> RewardNorm:
-        """The stored normalisation, or the identity for an RM without one (e.g. trained elsewhere)."""
-        p = Path(model_dir) / REWARD_NORM_FILE
-        if not p.exists():
-            return cls()
-        try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-            return cls(**{k: d[k] for k in ("mean", "std", "n", "policy", "divide_std") if k in d})
-        except (json.JSONDecodeError, TypeError) as e:
-            raise UserError(f"{p}: corrupt reward normalisation ({e})") from None
-
 
 # ----------------------------------------------------------------------------- model
 

@@ -21,85 +21,28 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from chatforge.core.distributed import pick_device
 from chatforge.core.io import UserError, atomic_write, write_json, write_jsonl
 from chatforge.core.log import print0, warn
 from chatforge.core.model import resolve_model_path
+from chatforge.core.reward_model import (  # noqa: F401  (re-exported: load and score from here as before)
+    DEFAULT_BATCH,
+    RewardNorm,
+    load_reward_model,
+    score_length,
+    score_texts,
+    score_token_ids,
+)
 from chatforge.core.run import read_manifest
-from chatforge.core.tokenizer import load_tokenizer
 from chatforge.data.rm_data import (
     build_examples,
     load_comparisons,
-    render_scored,
     score_sequences,
     split_comparisons,
 )
-from chatforge.stages.rm import RewardNorm
 
 LENGTH_BIAS_WARN = 0.5  # |Pearson r| between reward and reply length above which eval warns
 CALIBRATION_BINS = 10
-DEFAULT_BATCH = 16
-
-
-def load_reward_model(spec: str, device: str | torch.device = "auto") -> tuple[Any, Any, RewardNorm]:
-    """(model in eval mode, tokenizer, normalisation) from a run dir, HF dir or name."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    if isinstance(device, str):
-        device = pick_device(device)
-    path = resolve_model_path(spec)
-    cfg = AutoConfig.from_pretrained(str(path))
-    archs = getattr(cfg, "architectures", None) or []
-    if getattr(cfg, "num_labels", 0) != 1 or not any(a.endswith("ForSequenceClassification") for a in archs):
-        raise UserError(f"{path} is not a reward model (expected a 1-label *ForSequenceClassification, got "
-                        f"{', '.join(archs) or 'no architecture'}); train one with `chatforge rm train`")
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
-    tok = load_tokenizer(path)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tok.pad_token_id
-    return model.to(device).eval(), tok, RewardNorm.load(path)
-
-
-def _seq_len(model: Any, seq_len: int | None) -> int:
-    ctx = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 2048
-    return min(seq_len or ctx, ctx)
-
-
-def score_texts(model: Any, tok: Any, prompts: list[list[dict]], replies: list[str], norm: RewardNorm | None,
-                batch_size: int = DEFAULT_BATCH, seq_len: int | None = None, stats: dict | None = None
-                ) -> list[float]:
-    """Normalised reward of each (prompt messages, reply text); batched, no grad.
-
-    `stats`, if given, receives counts of truncated prompts and clipped replies.
-    """
-    if len(prompts) != len(replies):
-        raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
-    limit = _seq_len(model, seq_len)
-    seqs, truncated, clipped = [], 0, 0
-    for p, r in zip(prompts, replies):
-        ids, cut, clip = render_scored(tok, p, r, limit)
-        seqs.append(ids)
-        truncated, clipped = truncated + cut, clipped + clip
-    if stats is not None:
-        stats.update(truncated=stats.get("truncated", 0) + truncated, clipped=stats.get("clipped", 0) + clipped)
-    device = next(model.parameters()).device
-    raw = score_sequences(model, seqs, model.config.pad_token_id, batch_size, device)
-    norm = norm or RewardNorm()
-    return [norm.apply(x) for x in raw]
-
-
-def score_token_ids(model: Any, seqs: list[list[int]], norm: RewardNorm | None,
-                    batch_size: int = DEFAULT_BATCH) -> list[float]:
-    """Normalised reward of already-rendered conversations (the RM's token ids, within its context); no grad."""
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        raw = score_sequences(model, seqs, model.config.pad_token_id, batch_size, device)
-    norm = norm or RewardNorm()
-    return [norm.apply(x) for x in raw]
 
 
 # ----------------------------------------------------------------------------- eval metrics
@@ -211,7 +154,7 @@ def evaluate(model_spec: str, data: list[str] | str, out: Path | None = None, sp
         raise UserError(f"--split must be all, val or train, got '{split}'")
     model, tok, norm = load_reward_model(model_spec, device)
     cmps = _heldout(model_spec, load_comparisons([data] if isinstance(data, str) else list(data)), split)
-    examples, st = build_examples(tok, cmps, _seq_len(model, None))
+    examples, st = build_examples(tok, cmps, score_length(model, None))
     if not examples:
         raise UserError("no comparison with an ordered pair to evaluate (all empty, tied or too long)")
     flat = [s for ex in examples for s in ex.seqs]
@@ -294,7 +237,7 @@ def score(model_spec: str, data: str | Path, out: Path, batch_size: int = DEFAUL
     write_jsonl(out, rows)
     if stats.get("truncated") or stats.get("clipped"):
         warn(f"{stats['truncated']} prompts lost old turns and {stats['clipped']} replies were clipped to the "
-             f"model's context ({_seq_len(model, None)} tokens)")
+             f"model's context ({score_length(model, None)} tokens)")
     mean = sum(r["score"] for r in rows) / max(1, len(rows))
     print0(f"scored {len(rows)} conversations (mean normalised score {mean:+.4f}) -> {out}")
     return {"n": len(rows), "mean": mean, "truncated": stats.get("truncated", 0), "clipped": stats.get("clipped", 0),

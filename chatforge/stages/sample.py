@@ -26,6 +26,7 @@ from chatforge.core.log import console, is_interactive, print0, warn
 from chatforge.core.model import load_model_and_tokenizer
 from chatforge.core.run import parent_run_id
 from chatforge.core.tokenizer import render_for_completion, stop_token_ids
+from chatforge.data.prompts import load_prompts  # noqa: F401  (re-exported: stages take prompt specs from here)
 
 
 @dataclass
@@ -41,23 +42,6 @@ class SampleConfig:
     stop: list[str] = field(default_factory=list)
     compile: bool = False
     """Decode with the engine's compile=True (one compiled step per batch shape; pays off on long jobs)."""
-
-
-def load_prompts(spec: str) -> list[dict]:
-    """Prompt conversations from a JSONL path, or `tasks:N[:SEED]` / `tasks-heldout:N[:SEED]` (N per family)."""
-    if spec.startswith(("tasks:", "tasks-heldout:")):
-        from chatforge.data import tasks
-
-        kind, *rest = spec.split(":")
-        try:
-            n_per, seed = int(rest[0]), int(rest[1]) if len(rest) > 1 else 0
-        except (ValueError, IndexError):
-            raise UserError(f"prompt spec '{spec}': expected {kind}:N or {kind}:N:SEED") from None
-        fn = tasks.heldout_prompts if kind == "tasks-heldout" else tasks.train_prompts
-        return fn(n_per, seed=seed)
-    from chatforge.data.formats import read_prompts
-
-    return [c.to_dict() for c in read_prompts(Path(spec), strip_assistant=True)]
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:
