@@ -304,7 +304,18 @@ def test_bad_bytes_slow_and_huge_bodies_while_others_stream(server):
     with socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1])), timeout=10) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 500\r\n\r\n{\"model\": ")
-        reply = s.recv(4096).decode()
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < 2:  # head and body may
+            chunk = s.recv(4096)  # arrive in separate packets: read until the body has started or EOF
+            if not chunk:
+                break
+            reply += chunk
+        head, _, rest = reply.partition(b"\r\n\r\n")
+        length = int(next((ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")),
+                          b"0"))
+        while len(rest) < length and (chunk := s.recv(4096)):
+            rest += chunk
+        reply = (head + b"\r\n\r\n" + rest).decode()
     assert reply.startswith("HTTP/1.1 408") and '"error"' in reply
     t.join(timeout=60)
     assert results["stream"][-1] == "data: [DONE]"
