@@ -11,6 +11,7 @@ import zlib
 
 import pytest
 from helpers import run_killed_then_resumed, save_tiny_model
+from test_ppo import RUN_PPO
 
 from chatforge.config import PPOConfig, load_config
 from chatforge.core.io import UserError
@@ -119,10 +120,6 @@ def test_impossible_baseline_settings_fail_before_work(setup, tmp_path, extra, m
     root, model_dir, prompts = setup
     with pytest.raises(UserError, match=match):
         load_config(PPOConfig, None, _sets(model_dir, prompts, 2, extra))
-
-
-RUN_PPO = ("import sys; from chatforge.config import PPOConfig, load_config; from chatforge.stages.ppo import run; "
-           "run(load_config(PPOConfig, None, sys.argv[2:]), sys.argv[1])")
 
 
 def test_k_samples_per_prompt_resume_exactly_after_sigkill(setup, tmp_path):

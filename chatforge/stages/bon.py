@@ -28,15 +28,14 @@ from pathlib import Path
 
 import torch
 
-from chatforge.config import BoNConfig, LoraConfig, SFTConfig, SFTDataConfig, to_dict
+from chatforge.config import BoNConfig, SFTConfig, SFTDataConfig, to_dict
 from chatforge.core.io import UserError, write_json, write_jsonl
 from chatforge.core.log import console, print0
-from chatforge.core.model import unwrap
+from chatforge.core.model import load_model_and_tokenizer, unwrap
 from chatforge.core.rewards import make_reward_source, score_rollout
 from chatforge.core.rollout import (
     generate_rollouts,
     keep_scorable,
-    load_policy,
     prepare_prompts,
     rollout_seed,
 )
@@ -103,7 +102,7 @@ def run(cfg: BoNConfig, out: Path, resume: bool = True) -> dict:
             continue
         console.rule(f"[bold]best-of-{cfg.bon.n} round {r}/{cfg.bon.rounds}: sample, pick, SFT")
         # 1-2. prompts and n samples each from the current model
-        policy, tok, _ = load_policy(current, LoraConfig(enabled=False), torch.device("cpu"))
+        policy, tok, _ = load_model_and_tokenizer(current)
         policy.eval()
         context = getattr(unwrap(policy).config.get_text_config(), "max_position_embeddings", None)
         prompts, prompt_ids, _ = prepare_prompts(cfg.prompts, tok, cfg.rollout.max_new_tokens, context)  # type: ignore[arg-type]

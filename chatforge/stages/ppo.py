@@ -18,7 +18,7 @@ One iteration (one `train_loop` step), written as in torchtune's PPO recipe:
     5. scores from the reward source (RM normalised with its stored offset, task checkers, ...), minus
        ppo.missing_eot_penalty for replies that hit the length limit without ending their turn; an RM that
        shares the policy's tokenizer scores the sampled token ids directly (rewards.score_rollout)
-    6. the advantages, by ppo.baseline (BASELINES, chosen by dict lookup):
+    6. the advantages, by ppo.baseline:
        critic  per-token reward = -beta * KL_t (k1 by default) plus the score at the last token;
                GAE(gamma, lambda) on the critic's values; whitened advantages (InstructGPT)
        both    as critic, after subtracting from each score the leave-one-out mean of its prompt's other
@@ -249,30 +249,6 @@ def ppo_loss(policy: Any, critic: torch.nn.Module | None, mb: Trajectory, advant
     return loss, stats
 
 
-# ----------------------------------------------------------------------------- advantages (ppo.baseline)
-
-
-def critic_advantages(scores: torch.Tensor, rewards: torch.Tensor, kl: torch.Tensor, values: torch.Tensor,
-                      mask: torch.Tensor, kl_coef: float, cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """InstructGPT: GAE on the critic's values over the shaped per-token rewards; whitened advantages."""
-    return gae(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam, whiten=cfg.ppo.whiten_advantages)
-
-
-def rloo_only_advantages(scores: torch.Tensor, rewards: torch.Tensor, kl: torch.Tensor, values: torch.Tensor,
-                         mask: torch.Tensor, kl_coef: float, cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """RLOO: sequence reward minus the leave-one-out mean of its siblings' (core/rl.rloo_advantages); no returns."""
-    adv = rloo_advantages(scores, kl, mask, kl_coef, cfg.ppo.samples_per_prompt)
-    return adv, torch.zeros_like(adv)
-
-
-# ppo.baseline → (subtract the leave-one-out mean from each score first, uses a critic, advantage function)
-BASELINES = {
-    "critic": (False, True, critic_advantages),
-    "both": (True, True, critic_advantages),
-    "rloo": (False, False, rloo_only_advantages),  # rloo_advantages takes the LOO mean of the whole sequence reward
-}
-
-
 # ----------------------------------------------------------------------------- setup
 
 
@@ -363,7 +339,7 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
         reward = make_reward_source(cfg.reward, info.device, cfg.rollout.forward_batch_size)  # type: ignore[arg-type]
         if cfg.ppo.normalise_scores and isinstance(reward, RMReward) and reward.norm.std > 0:
             reward.norm = dataclasses.replace(reward.norm, divide_std=True)  # scores (and an RM critic) in SFT stds
-        loo_scores, uses_critic, advantage_fn = BASELINES[cfg.ppo.baseline]
+        uses_critic = cfg.ppo.baseline != "rloo"
         k = cfg.ppo.samples_per_prompt
         if cfg.critic.adapter:  # one frozen base: policy adapter, reference = adapters off, critic adapter + head
             shared_base, tok, src = load_shared_base(cfg, info)
@@ -445,9 +421,14 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
             # 6. advantages by ppo.baseline: per-token rewards (-beta * KL, the score, minus its siblings' mean
             #    for `both`, at the last token) and GAE, or RLOO's sequence advantages
             kl_coef = kl_ctl.value
-            shaped = scores - leave_one_out_baseline(scores, k) if loo_scores else scores
+            shaped = scores - leave_one_out_baseline(scores, k) if cfg.ppo.baseline == "both" else scores
             rewards, kl = per_token_rewards(shaped, logprobs, ref_logprobs, ro.mask, kl_coef, cfg.ppo.kl_estimator)
-            advantages, returns = advantage_fn(scores, rewards, kl, values, ro.mask, kl_coef, cfg)
+            if uses_critic:
+                advantages, returns = gae(rewards, values, ro.mask, cfg.ppo.gamma, cfg.ppo.lam,
+                                          whiten=cfg.ppo.whiten_advantages)
+            else:  # RLOO: the sequence reward minus its siblings' mean, on every token; no critic, no returns
+                advantages = rloo_advantages(scores, kl, ro.mask, kl_coef, k)
+                returns = torch.zeros_like(advantages)
             warmup = step < cfg.ppo.critic_warmup_iters  # value-only iterations (steps count from 0)
             step_groups = groups[1:] if warmup else groups
 
