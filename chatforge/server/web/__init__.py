@@ -1,0 +1,17 @@
+"""The feedback web app (issue 20): pages under /app in the same FastAPI server and database as the API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chatforge.server.web.routes import router
+
+
+def install(app: Any, sessionmaker: Any = None) -> None:
+    """Mount the pages (and their static files) on `app` (optionally with an explicit sessionmaker)."""
+    if sessionmaker is not None:
+        app.state.web_sessionmaker = sessionmaker
+    app.include_router(router)
+
+
+__all__ = ["router", "install"]

@@ -1,0 +1,46 @@
+// Keyboard ranking: on the page (outside text fields) a letter appends that reply to the ranking,
+// "=" ties the next one with the last, Backspace removes the last. The text field stays the truth.
+"use strict";
+(function () {
+  const input = document.getElementById("ranking");
+  const list = document.querySelector(".replies");
+  if (!input || !list) return;
+  const letters = list.dataset.letters.split("");
+  const preview = document.getElementById("ranking-preview");
+  let tieNext = false;
+
+  function groups() {
+    return input.value.split(",").map(g => g.split("=").map(s => s.trim().toUpperCase()).filter(Boolean))
+      .filter(g => g.length);
+  }
+  function write(gs) { input.value = gs.map(g => g.join("=")).join(", "); render(); }
+  function render() {
+    const gs = groups();
+    const used = new Set(gs.flat());
+    letters.forEach(l => document.getElementById("reply-" + l).classList.toggle("picked", used.has(l)));
+    const left = letters.filter(l => !used.has(l));
+    preview.textContent = gs.length ? "Best to worst: " + gs.map(g => g.join(" = ")).join("  >  ") +
+      (left.length ? "   (still to place: " + left.join(", ") + ")" : "") : "";
+  }
+  document.addEventListener("keydown", e => {
+    const t = e.target;
+    if (t.matches("input, textarea, select") || e.ctrlKey || e.metaKey || e.altKey) return;
+    const k = e.key.toUpperCase();
+    const gs = groups();
+    if (letters.includes(k) && !gs.flat().includes(k)) {
+      if (tieNext && gs.length) gs[gs.length - 1].push(k); else gs.push([k]);
+      tieNext = false;
+      write(gs);
+      e.preventDefault();
+    } else if (e.key === "=") {
+      tieNext = true;
+      e.preventDefault();
+    } else if (e.key === "Backspace" && gs.length) {
+      gs[gs.length - 1].pop();
+      write(gs.filter(g => g.length));
+      e.preventDefault();
+    }
+  });
+  input.addEventListener("input", render);
+  render();
+})();
