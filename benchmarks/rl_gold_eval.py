@@ -34,15 +34,20 @@ def main() -> None:
     ap.add_argument("--prompts", default="tasks-heldout:25:1")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--cache", type=Path, default=Path("runs/exp/replies.json"))
+    ap.add_argument("--exclude", default="tasks-heldout:4:977",
+                    help="prompts left out of the test set (the RL runs' gold validation prompts)")
     ap.add_argument("--samples", type=int, default=0, help="sampled replies per prompt (paired seeds 0..S-1)")
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the rollouts' by default)")
     a = ap.parse_args()
     from chatforge.core.model import load_model_and_tokenizer
+    from chatforge.data.tasks import normalize_prompt, prompt_text
 
-    prompts = load_prompts(a.prompts)
+    seen = {normalize_prompt(prompt_text(p)) for p in load_prompts(a.exclude)} if a.exclude else set()
+    prompts = [p for p in load_prompts(a.prompts) if normalize_prompt(prompt_text(p)) not in seen]
+    print(f"{len(prompts)} test prompts ({a.prompts}, without the {a.exclude or 'no'} validation prompts)")
     cache = json.loads(a.cache.read_text()) if a.cache.exists() else {}
     for spec in [a.sft, *a.models]:
-        key = f"{spec}|{a.prompts}|{a.max_new_tokens}"
+        key = f"{spec}|{a.prompts}-x|{a.max_new_tokens}"
         if key not in cache:
             model, tok, _ = load_model_and_tokenizer(spec)
             model.eval()
@@ -58,13 +63,13 @@ def main() -> None:
                                                temperature=a.temperature, seed=seed)[0]
                 write_json(a.cache, cache)
                 print(f"sampled {len(prompts)} replies for {spec} (seed {seed})", flush=True)
-    sft = cache[f"{a.sft}|{a.prompts}|{a.max_new_tokens}"]
+    sft = cache[f"{a.sft}|{a.prompts}-x|{a.max_new_tokens}"]
     print(f"SFT accuracy {task_accuracy(prompts, sft)['all']['accuracy']:.3f}")
     for seed in range(a.samples):
-        acc = task_accuracy(prompts, cache[f"{a.sft}|{a.prompts}|{a.max_new_tokens}|T{a.temperature}|s{seed}"])
+        acc = task_accuracy(prompts, cache[f"{a.sft}|{a.prompts}-x|{a.max_new_tokens}|T{a.temperature}|s{seed}"])
         print(f"  SFT sampled seed {seed}: accuracy {acc['all']['accuracy']:.3f}")
     for spec in a.models:
-        rep = cache[f"{spec}|{a.prompts}|{a.max_new_tokens}"]
+        rep = cache[f"{spec}|{a.prompts}-x|{a.max_new_tokens}"]
         acc = task_accuracy(prompts, rep)["all"]["accuracy"]
         line = [f"{spec}: accuracy {acc:.3f}"]
         for judge in JUDGES:
@@ -75,8 +80,8 @@ def main() -> None:
         print("; ".join(line), flush=True)
         if a.samples:
             keys = [f"|T{a.temperature}|s{seed}" for seed in range(a.samples)]
-            base = f"{a.sft}|{a.prompts}|{a.max_new_tokens}"
-            own = f"{spec}|{a.prompts}|{a.max_new_tokens}"
+            base = f"{a.sft}|{a.prompts}-x|{a.max_new_tokens}"
+            own = f"{spec}|{a.prompts}-x|{a.max_new_tokens}"
             acc = sum(task_accuracy(prompts, cache[own + k])["all"]["accuracy"] for k in keys) / len(keys)
             line = [f"  sampled T={a.temperature} x{a.samples}: accuracy {acc:.3f}"]
             for judge in JUDGES:

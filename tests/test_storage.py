@@ -31,10 +31,10 @@ def _store(db, run_id, texts, key=None, prompt=PROMPT, model="m"):
 
 
 def test_migrations_from_empty_and_idempotent(db):
-    assert set(inspect(db.engine).get_table_names()) == TABLES
-    assert current_revision(db.engine) == head_revision() == "0001"
+    assert TABLES <= set(inspect(db.engine).get_table_names())  # the web app's tables: test_web_migrations
+    assert current_revision(db.engine) == head_revision() is not None
     again = open_db(db.engine.url.render_as_string(hide_password=False))  # a second upgrade is a no-op
-    assert current_revision(again.engine) == "0001"
+    assert current_revision(again.engine) == head_revision()
     again.close()
 
 

@@ -142,6 +142,16 @@ def create_app(models: list[str | ServedModel] | None = None, db_url: str | None
         from chatforge.server.feedback import router as feedback_router
 
         app.include_router(feedback_router)
+    if app.state.db is not None:  # the web app: same server, same database (its tables come with the migrations)
+        from fastapi.responses import RedirectResponse
+
+        from chatforge.server.web import install
+
+        install(app, app.state.db.sessions)
+
+        @app.get("/", include_in_schema=False)
+        async def _root() -> RedirectResponse:
+            return RedirectResponse("/app/", status_code=307)
 
     @app.get("/metrics")
     async def _metrics() -> Response:

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     rev.add_argument("-m", "--message", required=True)
     rev.add_argument("--db", default="sqlite:///:memory:")
     rev.add_argument("--empty", action="store_true", help="no autogenerate")
+    rev.add_argument("--rev-id", default=None, help="the revision id (default: the next four-digit number)")
     args = p.parse_args(argv)
     from chatforge.server.db.engine import make_engine
 
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     with engine.begin() as conn:
         cfg = alembic_config(database_url(args.db))
         cfg.attributes["connection"] = conn
-        command.revision(cfg, message=args.message, autogenerate=not args.empty)
+        rev_id = args.rev_id or f"{int(head_revision() or 0) + 1:04d}"
+        command.revision(cfg, message=args.message, autogenerate=not args.empty, rev_id=rev_id)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
+import chatforge.server.web.models  # noqa: F401 - the web app's tables live on the same Base
 from chatforge.server.db.models import Base
 
 config = context.config
