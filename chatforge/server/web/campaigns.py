@@ -17,8 +17,6 @@ from chatforge.data.formats import MAX_RATING, MIN_RATING, Comparison, RankingTa
 from chatforge.server.db.models import User
 from chatforge.server.web.models import Assignment, AuditLog, Campaign, Ranking, RankTask
 
-FLAGS = ("fails_instruction", "hallucination", "harmful", "sexual_or_violent", "denigrates_protected_class",
-         "personal_data")
 MAX_TEXT = 20_000  # characters in a comment or skip reason
 LETTERS = string.ascii_uppercase
 

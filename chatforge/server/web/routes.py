@@ -6,12 +6,10 @@ import json
 import secrets
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Form, HTTPException, Request, UploadFile
+from fastapi import Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from fastapi.routing import APIRoute
-from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
@@ -19,14 +17,13 @@ from chatforge.core.io import DataError, UserError
 from chatforge.server.db.models import ROLES, User
 from chatforge.server.web import campaigns as cp
 from chatforge.server.web.agreement import campaign_agreement
-from chatforge.server.web.deps import DB, Admin, Auth, Labeler, LoginRequired, current, limiter
-from chatforge.server.web.models import Assignment, AuditLog, Campaign, Ranking, RankTask, WebSession
+from chatforge.server.web.deps import DB, Admin, Auth, Labeler, current, limiter
+from chatforge.server.web.models import Assignment, AuditLog, Campaign, Ranking, RankTask
+from chatforge.server.web.pages import FLAGS, app_router, check_csrf, page
 from chatforge.server.web.security import (
-    HEADERS,
     SESSION_COOKIE,
     SESSION_TTL,
     create_session,
-    csrf_ok,
     end_session,
     hash_password,
     user_by_name,
@@ -34,28 +31,8 @@ from chatforge.server.web.security import (
 )
 
 HERE = Path(__file__).parent
-templates = Jinja2Templates(directory=str(HERE / "templates"))  # autoescape on for .html
 MAX_UPLOAD = 50 * 1024 * 1024
-
-
-class _SecureRoute(APIRoute):
-    """Adds the security headers (CSP without inline script, nosniff, frame-ancestors, referrer) to every page."""
-
-    def get_route_handler(self):  # noqa: ANN201 - starlette's handler type
-        inner = super().get_route_handler()
-
-        async def handler(request: Request) -> Response:
-            try:
-                resp = await inner(request)
-            except LoginRequired:
-                resp = RedirectResponse("/app/login", status_code=303)
-            for k, v in HEADERS:
-                resp.headers.setdefault(k.decode(), v.decode())
-            return resp
-        return handler
-
-
-router = APIRouter(prefix="/app", route_class=_SecureRoute, include_in_schema=False)
+router = app_router()
 STATIC = {p.name: p for p in (HERE / "static").iterdir() if p.suffix in (".js", ".css")}
 MEDIA = {".js": "text/javascript", ".css": "text/css"}
 
@@ -67,17 +44,6 @@ def static_file(name: str) -> Response:
     if p is None:
         raise HTTPException(404, "no such file")
     return Response(p.read_bytes(), media_type=MEDIA[p.suffix], headers={"cache-control": "no-cache"})
-
-
-def page(request: Request, name: str, user: User | None = None, sess: WebSession | None = None,
-         status: int = 200, **ctx: Any) -> HTMLResponse:
-    return templates.TemplateResponse(request, name, {"user": user, "csrf": sess.csrf if sess else "",
-                                                      "flags": cp.FLAGS, **ctx}, status_code=status)
-
-
-def check_csrf(sess: WebSession, token: str) -> None:
-    if not csrf_ok(sess, token):
-        raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
 
 
 def _secure_cookie(request: Request) -> bool:
@@ -206,7 +172,7 @@ async def rank_submit(request: Request, db: DB, auth: Labeler, aid: str) -> Resp
             r = cp.parse_rating(f.get(f"rating_{letters[i]}", ""), letters[i])
             if r is not None:
                 ratings[rid] = r
-            fl = [x for x in form.getlist(f"flag_{letters[i]}") if x in cp.FLAGS]
+            fl = [x for x in form.getlist(f"flag_{letters[i]}") if x in FLAGS]
             if fl:
                 flags[rid] = fl
         started = float(f.get("started") or 0) or None
