@@ -10,12 +10,12 @@ import time
 from collections import defaultdict, deque
 from datetime import datetime, timedelta, timezone
 
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from chatforge.server.auth import hash_password  # noqa: F401 - re-exported for the pages
+from chatforge.server.auth import verify_password as check_password
 from chatforge.server.db.models import User
 from chatforge.server.web.models import WebSession
 
@@ -24,30 +24,13 @@ SESSION_TTL = timedelta(hours=12)
 LOGIN_MAX_FAILS = 5  # per (client, username) within LOGIN_WINDOW_S
 LOGIN_WINDOW_S = 300.0
 
-_hasher = PasswordHasher()
-# Verified against when the username is unknown, so a wrong name costs as long as a wrong password.
-_DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
-
-
-def hash_password(password: str) -> str:
-    return _hasher.hash(password)
-
-
 def verify_password(db: Session, user: User | None, password: str) -> bool:
-    """True when `password` matches; rehashes in place when argon2's parameters changed."""
-    if user is None or not user.password_hash or not user.is_active:
-        try:
-            _hasher.verify(_DUMMY_HASH, password)
-        except VerificationError:
-            pass
-        return False
-    try:
-        _hasher.verify(user.password_hash, password)
-    except (VerificationError, InvalidHashError):
-        return False
-    if _hasher.check_needs_rehash(user.password_hash):
-        user.password_hash = _hasher.hash(password)
-    return True
+    """True when `password` matches an active user's hash (an unknown or inactive user still costs one
+    verify, see server.auth); rehashes in place when argon2's parameters changed."""
+    ok, new_hash = check_password(user.password_hash if user is not None and user.is_active else None, password)
+    if ok and new_hash:
+        user.password_hash = new_hash
+    return ok
 
 
 def _digest(token: str) -> str:
