@@ -24,6 +24,7 @@ SESSION_TTL = timedelta(hours=12)
 LOGIN_MAX_FAILS = 5  # per (client, username) within LOGIN_WINDOW_S
 LOGIN_WINDOW_S = 300.0
 
+
 def verify_password(db: Session, user: User | None, password: str) -> bool:
     """True when `password` matches an active user's hash (an unknown or inactive user still costs one
     verify, see server.auth); rehashes in place when argon2's parameters changed."""
