@@ -357,9 +357,11 @@ def loop(
     set_: list[str] = SetOpt,
 ) -> None:
     """Rounds of sample → rank → reward model → PPO/DPO/GRPO → eval → register (resumable)."""
+    from chatforge.server.rounds import loop_sources
     from chatforge.stages import loop as stage
 
-    stage.run(stage.load_loop_config(config, set_))
+    cfg = stage.load_loop_config(config, set_)
+    stage.run(cfg, **loop_sources(cfg))
 
 
 @app.command()

@@ -1,8 +1,12 @@
-"""Shared test helpers: a tiny prepared data dir built without the corpus pipeline."""
+"""Shared test helpers: a tiny prepared data dir built without the corpus pipeline; a live uvicorn server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +63,29 @@ def save_tiny_model(path: Path, tok, factory, **kw) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live(app):
+    """Run `app` under uvicorn in a thread; yield its base URL; shut it down (lifespan stops the scheduler)."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

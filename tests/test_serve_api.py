@@ -20,6 +20,8 @@ import httpx
 import openai
 import pytest
 import torch
+from helpers import free_port as _free_port
+from helpers import live
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatforge.core.tokenizer import render_for_completion
@@ -36,32 +38,6 @@ def _tiny(tok, seed: int = 0):
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       tie_word_embeddings=True, initializer_range=0.3)
     return LlamaForCausalLM(cfg).eval()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def live(app):
-    """Run `app` under uvicorn in a thread; yield its base URL; shut it down (lifespan stops the scheduler)."""
-    import uvicorn
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def _never_stops(model, tok):

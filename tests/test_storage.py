@@ -158,15 +158,18 @@ def test_key_opt_out_has_no_rows(db):
 
 
 def test_loop_uses_feedback_as_label_source(tmp_path):
+    from chatforge.server.rounds import DBFeedback, loop_sources
     from chatforge.stages.loop import LoopConfig, _feedback
 
     url = str(tmp_path / "cf.db")
     d = open_db(url)
-    empty = _feedback(LoopConfig(feedback_db=url), tmp_path / "round-1")
+    src = loop_sources(LoopConfig(feedback_db=url))["feedback"]
+    assert isinstance(src, DBFeedback) and "feedback" not in loop_sources(LoopConfig())
+    empty = _feedback(tmp_path / "round-1", src)
     assert empty == [] and (tmp_path / "round-1" / "feedback" / "report.json").exists()
     a = _store(d, "ppo-1", ["liked", "disliked"])
     d.add_feedback(completion_id=a, choice_index=0, rating=1)
     d.add_feedback(completion_id=a, choice_index=1, rating=-1)
-    (path,) = _feedback(LoopConfig(feedback_db=url), tmp_path / "round-2")
+    (path,) = _feedback(tmp_path / "round-2", src)
     assert [c.ranking for c in read_comparisons(path)] == [[[f"{a}:0"], [f"{a}:1"]]]
-    assert _feedback(LoopConfig(), tmp_path / "round-3") == []
+    assert _feedback(tmp_path / "round-3", None) == []

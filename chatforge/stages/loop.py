@@ -5,8 +5,9 @@
 
 Each round r lives in OUT/round-r/:
   tasks.jsonl         K replies per fresh prompt from the current policy (resumable)
-  comparisons.jsonl   rankings: a simulated panel, or a file exported from the feedback app
-                      (`labels_dir/round-r.jsonl`); when it is not there yet the loop waits or stops
+  comparisons.jsonl   rankings: a simulated panel, people in the web app (`labeler=app`: the round's
+                      tasks become a campaign, the loop waits for the labelers), or a file exported
+                      from elsewhere (`labels_dir/round-r.jsonl`); when not there yet the loop waits or stops
   rm/                 reward model trained on every round's comparisons so far (continuing the last RM)
   policy/             PPO (or DPO/GRPO) from the current policy, KL-anchored to the SFT model
   eval.json           the new policy vs the previous one and vs SFT (task accuracy, judged win rate)
@@ -20,12 +21,39 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from chatforge.config import load_config, to_dict
 from chatforge.core.io import UserError, write_json
 from chatforge.core.log import console, print0
 from chatforge.core.run import read_manifest
+
+
+class PeopleLabels(Protocol):
+    """Where people's rankings come from (`labeler=app`; chatforge.server.rounds.AppRankings)."""
+
+    def collect(self, round_: int, tasks: Path, out: Path) -> None:
+        """Write the round's comparisons to `out`, or raise UserError when they are not ready."""
+
+
+class FeedbackSource(Protocol):
+    """Deployed-chat feedback as comparisons (`feedback_db`; chatforge.server.rounds.DBFeedback)."""
+
+    def export(self, out_dir: Path) -> int:
+        """Write out_dir/comparisons.jsonl and out_dir/report.json; return the number of comparisons."""
+
+
+@dataclass
+class AppLabelConfig:
+    overlap: int = 3
+    """Labelers per task (each task to this many different people)."""
+    deadline_s: float = 86400.0
+    """Train on what is ranked when this passes (at least one task), counted from the campaign's import."""
+    poll_s: float = 5.0
+    consensus: bool = False
+    """One aggregated ranking per task instead of every labeler's own."""
+    campaign: str | None = None
+    """Campaign name prefix (default: the loop's out dir name)."""
 
 
 @dataclass
@@ -40,6 +68,11 @@ class LoopConfig:
     sample_max_new_tokens: int = 32
     sample_temperature: float = 1.0
     labeler: str = "panel:rule*5:temperature=0.5"
+    """A simulated panel spec, or `app`: people rank each round's tasks in the web app (needs `db`)."""
+    db: str | None = None
+    """With labeler=app: the web app's database URL (the one `chatforge serve --db` uses); its chat
+    feedback joins every round too, as with feedback_db."""
+    app: AppLabelConfig = field(default_factory=AppLabelConfig)
     per_task: int = 0
     """Panel labelers per task (0 = every labeler ranks every task)."""
     labels_dir: str | None = None
@@ -85,8 +118,14 @@ def _seeded(spec: str, seed: int) -> str:
     return spec
 
 
-def _labels(cfg: LoopConfig, r: int, tasks: Path, out: Path) -> None:
+def _labels(cfg: LoopConfig, r: int, tasks: Path, out: Path, people: PeopleLabels | None) -> None:
     if out.exists():
+        return
+    if cfg.labeler == "app":
+        if people is None:
+            raise UserError("labeler=app needs the web app: run it as `chatforge loop` (or pass "
+                            "people=chatforge.server.rounds.AppRankings(...) to loop.run)")
+        people.collect(r, tasks, out)
         return
     if cfg.labels_dir:
         src = Path(cfg.labels_dir) / f"round-{r}.jsonl"
@@ -106,17 +145,13 @@ def _labels(cfg: LoopConfig, r: int, tasks: Path, out: Path) -> None:
     console.print(format_stats(label(tasks, out, cfg.labeler, per_task=cfg.per_task, seed=r)))
 
 
-def _feedback(cfg: LoopConfig, rdir: Path) -> list[Path]:
+def _feedback(rdir: Path, feedback: FeedbackSource | None) -> list[Path]:
     """This round's export of the serve database's feedback (kept once written, so a re-run resumes)."""
-    if not cfg.feedback_db:
+    if feedback is None:
         return []
     out = rdir / "feedback"
     if not (out / "report.json").exists():
-        from chatforge.server.db import open_db
-        from chatforge.server.export import export_feedback
-
-        rep = export_feedback(open_db(cfg.feedback_db), out, cfg.feedback_max_policy_age)
-        print0(f"feedback from {cfg.feedback_db}: {rep['comparisons']} comparisons")
+        feedback.export(out)
     path = out / "comparisons.jsonl"
     return [path] if path.stat().st_size else []
 
@@ -201,7 +236,9 @@ def compare_models(model_m: str, model_b: str, prompts: list[dict], judge: str, 
             "accuracy_baseline": task_accuracy(prompts, replies[model_b])}
 
 
-def run(cfg: LoopConfig) -> dict:
+def run(cfg: LoopConfig, people: PeopleLabels | None = None, feedback: FeedbackSource | None = None) -> dict:
+    """All rounds. `people` collects rankings when labeler=app; `feedback` exports chat feedback each round
+    (the CLI builds both from the config with chatforge.server.rounds.loop_sources)."""
     if not cfg.sft:
         raise UserError("loop needs the SFT run: --set sft=RUN_DIR (or `sft:` in the config file)")
     from chatforge.core.model import resolve_model_path
@@ -209,6 +246,9 @@ def run(cfg: LoopConfig) -> dict:
     from chatforge.stages.sample import load_prompts
 
     resolve_model_path(cfg.sft)  # fail early on a missing model
+    if cfg.feedback_db and feedback is None:
+        raise UserError("feedback_db needs the server's export: run it as `chatforge loop` (or pass "
+                        "feedback=chatforge.server.rounds.DBFeedback(URL) to loop.run)")
     if cfg.labels_dir and not Path(cfg.labels_dir).is_dir():
         raise UserError(f"labels_dir {cfg.labels_dir} does not exist")
     out = Path(cfg.out)
@@ -227,10 +267,10 @@ def run(cfg: LoopConfig) -> dict:
                        sample.SampleConfig(k=cfg.k, temperature=cfg.sample_temperature,
                                            max_new_tokens=cfg.sample_max_new_tokens, seed=r))
         cmp_path = rdir / "comparisons.jsonl"
-        _labels(cfg, r, tasks, cmp_path)
+        _labels(cfg, r, tasks, cmp_path, people)
         (rdir / "labels.done").touch(exist_ok=True) if not (rdir / "labels.done").exists() else None
         cmp_paths.append(cmp_path)
-        train_paths = [*cmp_paths, *map(Path, cfg.extra_comparisons), *_feedback(cfg, rdir)]
+        train_paths = [*cmp_paths, *map(Path, cfg.extra_comparisons), *_feedback(rdir, feedback)]
         rm_dir = rdir / "rm"
         if cfg.algo != "dpo" or not _done(rm_dir):
             _train_rm(cfg, r, train_paths, prev_rm, rm_dir)

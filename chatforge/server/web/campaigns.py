@@ -67,20 +67,34 @@ def next_assignment(db: Session, user: User, campaign_id: str | None = None) -> 
     taken = (select(Assignment.task_id, func.count().label("n")).where(Assignment.status != "skipped")
              .group_by(Assignment.task_id).subquery())
     had = select(Assignment.task_id).where(Assignment.user_id == user.id)
-    q = (select(RankTask).join(Campaign).outerjoin(taken, taken.c.task_id == RankTask.id)
-         .where(func.coalesce(taken.c.n, 0) < Campaign.overlap, RankTask.id.not_in(had))
-         .order_by(func.coalesce(taken.c.n, 0), RankTask.created_at, RankTask.id))
-    if campaign_id:
-        q = q.where(RankTask.campaign_id == campaign_id)
-    task = db.scalars(q.limit(1)).first()
-    if task is None:
-        return None
-    ids = [r["response_id"] for r in task.data["responses"]]
-    random.SystemRandom().shuffle(ids)
-    a = Assignment(task_id=task.id, user_id=user.id, shown_order=ids)
-    db.add(a)
-    db.flush()  # the (task, user) unique constraint fires here under a race; the caller retries
-    return a
+    tried: list[str] = []
+    for _ in range(20):  # a task another labeler filled at the same moment: take the next one
+        q = (select(RankTask).join(Campaign).outerjoin(taken, taken.c.task_id == RankTask.id)
+             .where(func.coalesce(taken.c.n, 0) < Campaign.overlap, RankTask.id.not_in(had),
+                    RankTask.id.not_in(tried))
+             .order_by(func.coalesce(taken.c.n, 0), RankTask.created_at, RankTask.id))
+        if campaign_id:
+            q = q.where(RankTask.campaign_id == campaign_id)
+        task = db.scalars(q.limit(1)).first()
+        if task is None:
+            return None
+        tried.append(task.id)
+        # PostgreSQL: lock the task row so concurrent takers of it queue here (SQLite ignores FOR UPDATE; its
+        # insert below holds the database's write lock instead). Then count again, after our insert.
+        db.scalars(select(RankTask.id).where(RankTask.id == task.id).with_for_update()).first()
+        ids = [r["response_id"] for r in task.data["responses"]]
+        random.SystemRandom().shuffle(ids)
+        a = Assignment(task_id=task.id, user_id=user.id, shown_order=ids)
+        db.add(a)
+        db.flush()  # the (task, user) unique constraint fires here under a race; the caller retries
+        n = db.scalar(select(func.count()).select_from(Assignment)
+                      .where(Assignment.task_id == task.id, Assignment.status != "skipped"))
+        overlap = db.scalar(select(Campaign.overlap).where(Campaign.id == task.campaign_id))
+        if n <= overlap:
+            return a
+        db.delete(a)
+        db.flush()
+    return None
 
 
 def parse_ranking(text: str, shown: list[str], allow_ties: bool) -> list[list[str]]:
