@@ -233,6 +233,8 @@ def serve(
     max_batch: int = typer.Option(32, "--max-batch", help="Rows decoded together per step (continuous batching)."),
     queue_size: int = typer.Option(64, "--queue-size", help="Requests that may wait; past it, 429 + Retry-After."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (weights and compute)."),
+    demo: bool = typer.Option(False, "--demo", help="Also create a local admin (one-time password printed), a "
+                              "campaign of ranking tasks sampled from the model and a demonstration prompt set."),
 ) -> None:
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /metrics) with batching."""
     from chatforge.server.app import default_db_url
@@ -245,7 +247,7 @@ def serve(
         raise UserError("--max-batch and --queue-size must be >= 1")
     db_url = None if db == "none" else (db or default_db_url())
     run_server(list(model) if model else None, db_url, host, port, no_auth, max_batch, queue_size,
-               precisions[dtype])
+               precisions[dtype], demo=demo)
 
 
 def _rl_command(stage_name: str, cfg_name: str, policy: str | None, reward: str | None, prompts: str | None,
@@ -560,18 +562,91 @@ def users_create(
     username: str = typer.Argument(..., help="Login name."),
     admin: bool = typer.Option(False, "--admin", help="Same as --role admin."),
     role: str = typer.Option("user", "--role", help="admin | labeler | user"),
-    password: str = typer.Option(..., "--password", prompt=True, hide_input=True, confirmation_prompt=True,
-                                 help="Prompted for when not given."),
+    password: str = typer.Option(None, "--password", hide_input=True, help="Prompted for when not given."),
+    one_time: bool = typer.Option(False, "--one-time", help="Print a random one-time password instead; the first "
+                                  "login asks the person to choose their own."),
+    force: bool = typer.Option(False, "--force", help="The user exists: set the new (or one-time) password."),
     email: str = typer.Option(None, "--email"),
     db: str = DbOpt,
 ) -> None:
-    """Create a web app account (argon2 password hash)."""
+    """Create a web app account (argon2 password hash), or reset one with --force."""
+    from sqlalchemy import select
+
     from chatforge.server.auth import hash_password
     from chatforge.server.db import repo
+    from chatforge.server.db.models import User
+    from chatforge.server.web.security import one_time_password, password_problem
+
+    if one_time:
+        password = one_time_password()
+    elif password is None:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if problem := password_problem(password):
+        raise UserError(problem)
+    role = "admin" if admin else role
+    with _db(db).session() as s:
+        user = s.scalar(select(User).where(User.username == username))
+        if user is not None and not force:
+            raise UserError(f"user '{username}' exists (use --force to set a new password)")
+        if user is None:
+            user = _repo_call(repo.create_user, s, username, hash_password(password), role, email)
+            verb = "created"
+        else:
+            user.password_hash, user.is_active = hash_password(password), True
+            verb = "reset"
+        user.must_change_password = one_time
+        print(f"{verb} user {user.username} ({user.id}, role {user.role})")
+    if one_time:
+        print(f"one-time password: {password}  (the first login asks for a new one)")
+
+
+@users_app.command("invite")
+def users_invite(
+    role: str = typer.Option("labeler", "--role", help="admin | labeler | user"),
+    days: float = typer.Option(7.0, "--days", help="The link works once, for this many days."),
+    base_url: str = typer.Option("http://127.0.0.1:8000", "--base-url", help="Where the server answers."),
+    db: str = DbOpt,
+) -> None:
+    """Print a one-use invitation link: whoever opens it picks a username and password and gets ROLE."""
+    from datetime import timedelta
+
+    from chatforge.server.db.models import ROLES
+    from chatforge.server.web import campaigns as cp
+    from chatforge.server.web.security import create_invite
+
+    if role not in ROLES:
+        raise UserError(f"--role must be one of {', '.join(ROLES)}, not '{role}'")
+    if days <= 0:
+        raise UserError("--days must be > 0")
+    with _db(db).session() as s:
+        token = create_invite(s, None, role, timedelta(days=days))
+        cp.audit(s, None, "invite.create", role, role=role, source="cli")
+    print(f"{base_url.rstrip('/')}/app/invite/{token}")
+
+
+@users_app.command("list")
+def users_list(db: str = DbOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Accounts with their role, state and creation date."""
+    import json
+
+    from rich.table import Table
+    from sqlalchemy import select
+
+    from chatforge.core.log import console
+    from chatforge.server.db.models import User
 
     with _db(db).session() as s:
-        user = _repo_call(repo.create_user, s, username, hash_password(password), "admin" if admin else role, email)
-        print(f"created user {user.username} ({user.id}, role {user.role})")
+        rows = [{"username": u.username, "id": u.id, "role": u.role, "active": u.is_active,
+                 "must_change_password": u.must_change_password, "created_at": u.created_at.isoformat(timespec="seconds")}
+                for u in s.scalars(select(User).order_by(User.username))]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("username", "role", "active", "one-time password", "created", "id")
+    for r in rows:
+        table.add_row(r["username"], r["role"], "yes" if r["active"] else "no",
+                      "yes" if r["must_change_password"] else "no", r["created_at"][:10], r["id"])
+    console.print(table)
 
 
 @db_app.command("upgrade")

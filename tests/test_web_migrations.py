@@ -4,14 +4,15 @@ in it, on SQLite and PostgreSQL; head equals the models (autogenerate finds noth
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import func, inspect, select
+from sqlalchemy import column, func, insert, inspect, select, table
 
 import chatforge.server.web.models  # noqa: F401 - registers the web tables on Base
 from chatforge.server.db import open_db, repo
 from chatforge.server.db.migrate import current_revision, head_revision, upgrade
-from chatforge.server.db.models import Base, Completion, Feedback, User
+from chatforge.server.db.models import Base, Completion, Feedback, User, utcnow
 
-WEB_TABLES = {"web_sessions", "web_audit_log", "web_campaigns", "web_rank_tasks", "web_assignments", "web_rankings"}
+WEB_TABLES = {"web_sessions", "web_audit_log", "web_campaigns", "web_rank_tasks", "web_assignments", "web_rankings",
+              "web_invites"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -37,21 +38,25 @@ def test_upgrade_from_serving_schema_keeps_its_rows(url):
     try:
         upgrade(db.engine, "0001")
         assert not WEB_TABLES & set(inspect(db.engine).get_table_names())
-        with db.session() as s:
-            u = repo.create_user(s, "alice", None, "labeler")
-            conv = repo.create_conversation(s, user_id=u.id, title="t")
+        with db.session() as s:  # users as 0001 knew them (later revisions add columns the model has now)
+            users_0001 = table("users", *(column(c) for c in ("id", "username", "role", "is_active", "display_name",
+                                                             "created_at")))
+            s.execute(insert(users_0001).values(id="usr_alice", username="alice", role="labeler", is_active=True,
+                                                display_name="", created_at=utcnow()))
+            conv = repo.create_conversation(s, user_id="usr_alice", title="t")
             repo.add_message(s, conv.id, "user", "hi")
         cid = db.store_completion("chat", "m", "run-1", {"temperature": 1.0}, [{"role": "user", "content": "hi"}],
                                   [{"index": 0, "content": "hello", "finish_reason": "stop"}], 2, 1, None, None, 0.01)
         with db.session() as s:
             repo.add_feedback(s, cid, 1, reason="helpful")
-            before = {t: s.scalar(select(func.count()).select_from(t)) for t in (User, Completion, Feedback)}
+            before = {t: s.scalar(select(func.count()).select_from(t.__table__)) for t in (User, Completion, Feedback)}
         before_rev, after_rev = upgrade(db.engine)
         assert (before_rev, after_rev) == ("0001", head_revision())
         assert WEB_TABLES <= set(inspect(db.engine).get_table_names())
         with db.session() as s:
-            after = {t: s.scalar(select(func.count()).select_from(t)) for t in (User, Completion, Feedback)}
+            after = {t: s.scalar(select(func.count()).select_from(t.__table__)) for t in (User, Completion, Feedback)}
             assert after == before and before[User] == 1 and before[Completion] == 1
-            assert repo.user_by_name(s, "alice").role == "labeler"
+            alice = repo.user_by_name(s, "alice")
+            assert alice.role == "labeler" and alice.must_change_password is False  # the new column's default
     finally:
         db.close()

@@ -436,3 +436,22 @@ def write_jsonl_records(path: str | Path, records: Iterable[Any]) -> int:
         if gz is not None:
             gz.close()
     return n
+
+
+def make_task(prompt: dict, replies: list[str], policy: str, params: dict,
+              finish_reasons: list[str] | None = None) -> dict:
+    """A ranking task (DESIGN.md); identical replies (after stripping) are collapsed."""
+    seen, responses = set(), []
+    reasons = finish_reasons or [None] * len(replies)
+    for r, why in zip(replies, reasons):
+        key = r.strip()
+        if key in seen:
+            continue
+        seen.add(key)
+        rid = hashlib.sha1(f"{prompt['id']}\x00{key}".encode()).hexdigest()[:12]
+        resp = {"response_id": rid, "content": r, "policy": policy, "params": params}
+        if why is not None:
+            resp["finish_reason"] = why
+        responses.append(resp)
+    return {"task_id": f"{prompt['id']}", "prompt": {"messages": prompt["messages"]}, "responses": responses,
+            "meta": prompt.get("meta", {}), "source": prompt.get("source", "")}

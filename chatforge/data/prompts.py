@@ -8,7 +8,8 @@ from chatforge.core.io import UserError
 
 
 def load_prompts(spec: str) -> list[dict]:
-    """Prompt conversations from a JSONL path, or `tasks:N[:SEED]` / `tasks-heldout:N[:SEED]` (N per family)."""
+    """Prompt conversations from a JSONL path, `tasks:N[:SEED]` / `tasks-heldout:N[:SEED]` (N per family), or
+    `embedded:NAME[:N]` (shipped conversations, e.g. `embedded:sft/oasst-best:12`, final replies dropped)."""
     if spec.startswith(("tasks:", "tasks-heldout:")):
         from chatforge.data import tasks
 
@@ -21,4 +22,12 @@ def load_prompts(spec: str) -> list[dict]:
         return fn(n_per, seed=seed)
     from chatforge.data.formats import read_prompts
 
+    if spec.startswith("embedded:"):
+        from chatforge.data.embedded import embedded_path
+
+        name, _, n = spec.removeprefix("embedded:").partition(":")
+        if n and not n.isdigit():
+            raise UserError(f"prompt spec '{spec}': expected embedded:NAME or embedded:NAME:N")
+        rows = [c.to_dict() for c in read_prompts(embedded_path(name), strip_assistant=True)]
+        return rows[:int(n)] if n else rows
     return [c.to_dict() for c in read_prompts(Path(spec), strip_assistant=True)]

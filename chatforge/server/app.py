@@ -172,16 +172,35 @@ def default_db_url() -> str | None:
 
 
 def serve(models: list[str] | None, db: str | None, host: str, port: int, no_auth: bool, max_batch: int,
-          queue_size: int = QUEUE_SIZE, precision: str = "fp32") -> None:
-    """`chatforge serve`: build the app and run it under uvicorn (blocks until Ctrl-C)."""
+          queue_size: int = QUEUE_SIZE, precision: str = "fp32", demo: bool = False) -> None:
+    """`chatforge serve`: build the app and run it under uvicorn (blocks until Ctrl-C). `demo`: create a
+    local admin, a ranking campaign and a demonstration prompt set first (web.demo)."""
     import uvicorn
 
     from chatforge.core.log import console
 
+    if demo and db is None:
+        raise UserError("--demo needs a database for the web app (leave --db out for runs/chatforge.db)")
     app = create_app(models or None, db_url=db, no_auth=no_auth, max_batch=max_batch, queue_size=queue_size,
                      precision=precision)
     for m in app.state.served:
         others = ", ".join(a for a in m.aliases if a != m.id)
         console.print(f"model {m.id}" + (f" (also: {others})" if others else "") + f" from {m.path}", soft_wrap=True)
     console.print(f"OpenAI-compatible API on http://{host}:{port}/v1 (metrics: /metrics; Ctrl-C stops)", soft_wrap=True)
+    if app.state.db is not None:
+        console.print(f"web app on http://{host}:{port}/app/ (accounts: chatforge users create)", soft_wrap=True)
+    if demo:
+        from chatforge.server.web.demo import setup_demo
+
+        info = setup_demo(app.state.db.sessions, app.state.served[0])
+        console.rule("[bold]demo")
+        console.print(f"open http://{host}:{port}/app/login", soft_wrap=True)
+        if info["password"]:
+            console.print(f"user [bold]admin[/bold], one-time password [bold]{info['password']}[/bold] "
+                          "(the first login asks you to choose your own)", soft_wrap=True)
+        else:
+            console.print("user [bold]admin[/bold] with the password you chose (forgotten? "
+                          "chatforge users create admin --one-time --force)", soft_wrap=True)
+        console.print(f"{info['tasks']} ranking tasks ready under Rank" +
+                      ("; a demonstration prompt set under Write" if info.get("prompt_set") else ""), soft_wrap=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

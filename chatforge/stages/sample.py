@@ -26,6 +26,7 @@ from chatforge.core.log import console, is_interactive, print0, warn
 from chatforge.core.model import load_model_and_tokenizer
 from chatforge.core.run import parent_run_id
 from chatforge.core.tokenizer import render_for_completion, stop_token_ids
+from chatforge.data.formats import make_task  # noqa: F401 (re-exported)
 from chatforge.data.prompts import load_prompts  # noqa: F401  (re-exported: stages take prompt specs from here)
 
 
@@ -67,25 +68,6 @@ def _done_ids(out: Path) -> set[str]:
     if fixed != raw:
         out.write_bytes(fixed)
     return done
-
-
-def make_task(prompt: dict, replies: list[str], policy: str, params: dict,
-              finish_reasons: list[str] | None = None) -> dict:
-    """A ranking task (DESIGN.md); identical replies (after stripping) are collapsed."""
-    seen, responses = set(), []
-    reasons = finish_reasons or [None] * len(replies)
-    for r, why in zip(replies, reasons):
-        key = r.strip()
-        if key in seen:
-            continue
-        seen.add(key)
-        rid = hashlib.sha1(f"{prompt['id']}\x00{key}".encode()).hexdigest()[:12]
-        resp = {"response_id": rid, "content": r, "policy": policy, "params": params}
-        if why is not None:
-            resp["finish_reason"] = why
-        responses.append(resp)
-    return {"task_id": f"{prompt['id']}", "prompt": {"messages": prompt["messages"]}, "responses": responses,
-            "meta": prompt.get("meta", {}), "source": prompt.get("source", "")}
 
 
 def sample_replies(model: Any, tok: Any, prompts: list[dict], cfg: SampleConfig) -> list[list[Any]]:

@@ -14,7 +14,7 @@ import secrets
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, MetaData, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, MetaData, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -93,6 +93,8 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16), default=Role.user.value)
     password_hash: Mapped[str | None] = mapped_column(String(255), default=None)
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    must_change_password: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Set for a one-time password (`users create --one-time`, `serve --demo`): every page asks for a new one."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -11,7 +11,10 @@ def install(app: Any, sessionmaker: Any = None) -> None:
     """Mount the pages (and their static files) on `app` (optionally with an explicit sessionmaker)."""
     if sessionmaker is not None:
         app.state.web_sessionmaker = sessionmaker
+    from chatforge.server.web.accounts import router as accounts_router
+
     app.include_router(router)
+    app.include_router(accounts_router)
 
 
 __all__ = ["router", "install"]

@@ -44,10 +44,19 @@ class LoginRequired(Exception):
     """Raised by the auth dependencies; the handler redirects to the login page."""
 
 
+class PasswordChangeRequired(Exception):
+    """Raised for a user logged in with a one-time password; the handler redirects to /app/password."""
+
+
+PASSWORD_PAGES = ("/app/password", "/app/logout")
+
+
 def current(request: Request, db: Annotated[Session, Depends(get_db)]) -> tuple[WebSession, User]:
     found = load_session(db, request.cookies.get(SESSION_COOKIE))
     if found is None:
         raise LoginRequired()
+    if found[1].must_change_password and request.url.path not in PASSWORD_PAGES:
+        raise PasswordChangeRequired()
     return found
 
 

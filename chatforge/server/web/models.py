@@ -35,6 +35,20 @@ class AuditLog(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
+class WebInvite(Base):
+    """An invitation link: whoever opens it first picks a username and password and gets `role`.
+    Only the SHA-256 of the token is stored; it works once and until `expires_at`."""
+
+    __tablename__ = "web_invites"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256(token)
+    role: Mapped[str] = mapped_column(String(16))
+    created_by: Mapped[str | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    used_at: Mapped[datetime | None] = mapped_column(default=None)
+    used_by: Mapped[str | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), default=None)
+
+
 class Campaign(Base):
     """A set of ranking tasks, each to be ranked by `overlap` different labelers."""
 

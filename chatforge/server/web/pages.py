@@ -13,7 +13,7 @@ from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 
 from chatforge.server.db.models import User
-from chatforge.server.web.deps import LoginRequired
+from chatforge.server.web.deps import LoginRequired, PasswordChangeRequired
 from chatforge.server.web.models import WebSession
 from chatforge.server.web.security import HEADERS, csrf_ok
 
@@ -34,6 +34,8 @@ class SecureRoute(APIRoute):
                 resp = await inner(request)
             except LoginRequired:
                 resp = RedirectResponse("/app/login", status_code=303)
+            except PasswordChangeRequired:
+                resp = RedirectResponse("/app/password", status_code=303)
             for k, v in HEADERS:
                 resp.headers.setdefault(k.decode(), v.decode())
             return resp

@@ -6,7 +6,7 @@ import json
 import secrets
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -192,7 +192,16 @@ async def rank_submit(request: Request, db: DB, auth: Labeler, aid: str) -> Resp
 
 
 @router.get("/admin")
-def admin(request: Request, db: DB, auth: Admin, error: str = "", status: int = 200) -> HTMLResponse:
+def admin(request: Request, db: DB, auth: Admin) -> HTMLResponse:
+    return admin_page(request, db, auth)
+
+
+def admin_page(request: Request, db: DB, auth: tuple, status: int = 200, **ctx: Any) -> HTMLResponse:
+    """The admin page (campaigns, users, open invites, audit log) with extra context (error, invite_link)."""
+    from datetime import datetime, timezone
+
+    from chatforge.server.web.models import WebInvite
+
     sess, user = auth
     rows = []
     for c in db.scalars(select(Campaign).order_by(Campaign.created_at)):
@@ -202,8 +211,11 @@ def admin(request: Request, db: DB, auth: Admin, error: str = "", status: int = 
         rows.append({"c": c, "tasks": n, "done": done, "needed": n * c.overlap})
     users = list(db.scalars(select(User).order_by(User.username)))
     log = list(db.scalars(select(AuditLog).order_by(AuditLog.id.desc()).limit(20)))
+    invites = list(db.scalars(select(WebInvite).where(WebInvite.used_at.is_(None),
+                                                      WebInvite.expires_at > datetime.now(timezone.utc))
+                              .order_by(WebInvite.created_at)))
     return page(request, "admin.html", user, sess, status=status, campaigns=rows, users=users, roles=ROLES,
-                log=log, error=error)
+                log=log, invites=invites, **ctx)
 
 
 @router.post("/admin/users")
@@ -217,7 +229,7 @@ def admin_create_user(request: Request, db: DB, auth: Admin, csrf: Annotated[str
            else "password must have at least 8 characters" if len(password) < 8
            else f"user '{username}' exists" if user_by_name(db, username) else "")
     if err:
-        return admin(request, db, auth, error=err, status=422)
+        return admin_page(request, db, auth, error=err, status=422)
     u = User(username=username, role=role, password_hash=hash_password(password))
     db.add(u)
     cp.audit(db, auth[1], "user.create", username, role=role)
@@ -256,10 +268,10 @@ async def admin_create_campaign(request: Request, db: DB, auth: Admin) -> Respon
         db.rollback()
         where = f"{e.path} line {e.line}" if e.line else e.path
         msg = str(e).split(": ", 1)[1] if ": " in str(e) else str(e)
-        return admin(request, db, auth, error=f"nothing imported: {where}: {msg}", status=422)
+        return admin_page(request, db, auth, error=f"nothing imported: {where}: {msg}", status=422)
     except (UserError, ValueError) as e:
         db.rollback()
-        return admin(request, db, auth, error=f"nothing imported: {e}", status=422)
+        return admin_page(request, db, auth, error=f"nothing imported: {e}", status=422)
     return RedirectResponse(f"/app/admin/campaigns/{c.id}", status_code=303)
 
 

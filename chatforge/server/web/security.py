@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from chatforge.server.auth import hash_password  # noqa: F401 - re-exported for the pages
 from chatforge.server.auth import verify_password as check_password
 from chatforge.server.db.models import User
-from chatforge.server.web.models import WebSession
+from chatforge.server.web.models import WebInvite, WebSession
 
 SESSION_COOKIE = "cf_session"
 SESSION_TTL = timedelta(hours=12)
@@ -133,3 +133,37 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+MIN_PASSWORD = 8
+INVITE_TTL = timedelta(days=7)
+
+
+def password_problem(password: str, again: str | None = None) -> str:
+    """Why a new password is refused ('' when it is fine)."""
+    if len(password) < MIN_PASSWORD:
+        return f"a password needs at least {MIN_PASSWORD} characters"
+    if again is not None and again != password:
+        return "the two passwords differ"
+    return ""
+
+
+def one_time_password() -> str:
+    """A random password to print once (the account must set its own at the first login)."""
+    return secrets.token_urlsafe(12)
+
+
+def create_invite(db: Session, actor: User | None, role: str, ttl: timedelta = INVITE_TTL) -> str:
+    """A one-use invitation token for `role` (only its digest is stored)."""
+    token = secrets.token_urlsafe(24)
+    db.add(WebInvite(id=_digest(token), role=role, created_by=actor.id if actor else None,
+                     expires_at=datetime.now(timezone.utc) + ttl))
+    return token
+
+
+def open_invite(db: Session, token: str) -> WebInvite | None:
+    """The unused, unexpired invite behind `token`, or None."""
+    row = db.get(WebInvite, _digest(token)) if token else None
+    if row is None or row.used_at is not None or row.expires_at < datetime.now(timezone.utc):
+        return None
+    return row
