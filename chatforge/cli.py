@@ -676,6 +676,29 @@ def export_feedback_cmd(
     print(json.dumps(export_feedback(_db(db), out, max_policy_age, load_scrub(scrub)), indent=2))
 
 
+@export_app.command("rankings")
+def export_rankings_cmd(
+    db: str = DbOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="JSONL file to write (atomically; .gz is gzipped)."),
+    campaign: str = typer.Option(None, "--campaign", help="Campaign id or name (default: all)."),
+    since: str = typer.Option(None, "--since", help="Rankings submitted at or after this ISO date/time (UTC)."),
+    until: str = typer.Option(None, "--until", help="... and at or before this one."),
+    labeler: str = typer.Option(None, "--labeler", help="Only this labeler's rankings."),
+    model_version: str = typer.Option(None, "--model-version", help="Only tasks with a reply from this run id."),
+    consensus: bool = typer.Option(False, "--consensus", help="One aggregated ranking per task (see --method)."),
+    method: str = typer.Option("bradley_terry", "--method", help="Consensus: bradley_terry | ranked_pairs | borda."),
+    fmt: str = typer.Option("chatforge", "--format", help="chatforge (comparisons) | trl (preference pairs) | oasst."),
+) -> None:
+    """Rankings people submitted in the app: every labeler's own or a consensus per task, with provenance."""
+    from chatforge.server.web.exports import parse_when, write_rankings
+
+    with _db(db).session() as s:
+        n = write_rankings(s, out, fmt, campaign=campaign, since=parse_when(since, "--since"),
+                           until=parse_when(until, "--until"), labeler=labeler, model_version=model_version,
+                           consensus=consensus, method=method)
+    print(f"wrote {n} {'consensus ' if consensus else ''}{'rows' if fmt != 'chatforge' else 'comparisons'} to {out}")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

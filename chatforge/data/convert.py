@@ -13,7 +13,7 @@ output is written from one of the two; `convert` picks the path from the target 
                         the best-ranked reply becomes a demonstration)
     comparisons from:   comparison hh trl-pref oasst
     write conversations as: chatforge openai trl trl-pc hh ({"text": hh string})
-    write comparisons as:   comparison trl-pref (every implied pair) hh ({chosen, rejected} per pair)
+    write comparisons as:   comparison trl-pref (every implied pair) hh ({chosen, rejected} per pair) oasst
 
 A bad record raises DataError(file:line) unless `on_error="skip"`; records that are valid but carry
 nothing to keep (synthetic OASST trees, identical chosen/rejected) are skipped and counted by reason.
@@ -376,6 +376,28 @@ def oasst_tree_to_comparisons(tree: dict, include_synthetic: bool = False, where
     return out
 
 
+def comparison_to_oasst_tree(cmp: Comparison) -> list[dict]:
+    """A comparison as an OpenAssistant message tree: the prompt turns as a chain (the user turns are
+    `prompter`), the ranked replies as the last turn's `replies` with `rank` (0 best, ties share a rank),
+    as oasst's exports carry them; `oasst_tree_to_comparisons` reads it back."""
+    if any(m.role == "system" for m in cmp.prompt):
+        raise Skip("oasst trees have no system message")
+    rank = {rid: i for i, group in enumerate(cmp.ranking) for rid in group}
+    replies = [{"message_id": r.response_id, "role": "assistant", "text": r.content, "rank": rank[r.response_id],
+                "synthetic": r.policy != "human", "model_name": r.policy, "lang": cmp.meta.get("lang")}
+               for r in cmp.responses if r.response_id in rank]
+    node: dict[str, Any] | None = None
+    turns = cmp.prompt
+    for i in range(len(turns) - 1, -1, -1):  # build the chain from its last turn up
+        m = turns[i]
+        msg = {"message_id": stable_id(cmp.task_id, "turn", i) if i < len(turns) - 1 else cmp.task_id,
+               "role": "prompter" if m.role == "user" else "assistant", "text": m.content,
+               "replies": replies if node is None else [node]}
+        node = msg
+    return [{"message_tree_id": stable_id(cmp.task_id, "tree"), "prompt": node,
+             "meta": {"labeler": cmp.labeler, "source": cmp.source, "created_at": cmp.created_at, **cmp.meta}}]
+
+
 # ----------------------------------------------------------------------------- self-instruct
 
 
@@ -513,6 +535,7 @@ CMP_WRITERS: dict[str, Callable[[Comparison], list[dict]]] = {
     "comparison": lambda c: [c.to_dict()],
     "trl-pref": comparison_to_trl_pairs,
     "hh": comparison_to_hh_pairs,
+    "oasst": comparison_to_oasst_tree,
 }
 
 

@@ -6,7 +6,6 @@ import json
 import random
 import string
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -183,16 +182,3 @@ def raw_comparisons(db: Session, campaign_id: str | None = None, labeler: str | 
     names = {c.id: c.name for c in db.scalars(select(Campaign))}
     return [to_comparison(r, a, t, u, names.get(t.campaign_id, "")) for r, a, t, u in
             latest_rankings(db, campaign_id, labeler) if not r.not_rankable]
-
-
-def export_rankings(db: Session, out: Path, campaign_id: str | None = None, labeler: str | None = None,
-                    method: str = "bradley_terry") -> dict[str, int]:
-    """raw.jsonl (one comparison per labeler) and consensus.jsonl (data.aggregate `method`) under `out`."""
-    from chatforge.data.aggregate import aggregate
-    from chatforge.data.formats import write_jsonl_records
-
-    raw = raw_comparisons(db, campaign_id, labeler)
-    out.mkdir(parents=True, exist_ok=True)
-    n_raw = write_jsonl_records(out / "raw.jsonl", raw)
-    n_cons = write_jsonl_records(out / "consensus.jsonl", aggregate(raw, method) if raw else [])
-    return {"raw": n_raw, "consensus": n_cons}

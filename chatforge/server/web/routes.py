@@ -286,16 +286,21 @@ def admin_campaign(request: Request, db: DB, auth: Admin, cid: str) -> HTMLRespo
 
 
 @router.get("/admin/campaigns/{cid}/export")
-def admin_export(db: DB, auth: Admin, cid: str, kind: str = "raw", labeler: str | None = None) -> Response:
-    from chatforge.data.aggregate import aggregate
+def admin_export(db: DB, auth: Admin, cid: str, kind: str = "raw", labeler: str | None = None,
+                 since: str | None = None, until: str | None = None, model_version: str | None = None,
+                 format: str = "chatforge") -> Response:
+    """A campaign's rankings as a JSONL download (web.exports: the same filters and formats as the CLI)."""
+    from chatforge.server.web import exports
 
-    c = db.get(Campaign, cid)
-    if c is None or kind not in ("raw", "consensus"):
+    if db.get(Campaign, cid) is None or kind not in ("raw", "consensus"):
         raise HTTPException(404, "no such campaign or export")
-    recs = cp.raw_comparisons(db, cid, labeler)
-    if kind == "consensus":
-        recs = aggregate(recs) if recs else []
-    body = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in recs)
+    try:
+        rows = exports.ranking_rows(exports.rankings(
+            db, cid, exports.parse_when(since, "since"), exports.parse_when(until, "until"), labeler or None,
+            model_version or None, consensus=kind == "consensus"), format)
+    except UserError as e:
+        raise HTTPException(422, str(e)) from None
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return Response(body, media_type="application/x-ndjson",
                     headers={"content-disposition": f'attachment; filename="{kind}-{cid}.jsonl"'})
 
