@@ -314,15 +314,41 @@ def rm_train(
 @rm_app.command("eval")
 def rm_eval_cmd(
     model: str = typer.Option(..., "--model", "-m"),
-    data: list[str] = typer.Option(..., "--data", "-d"),
-    out: Path = typer.Option(None, "--out", "-o", help="Dir for eval.json and the reliability plot."),
+    data: list[str] = typer.Option(None, "--data", "-d", help="Held-out comparisons (accuracy, calibration)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Dir for eval.json / best_of_n.json and their plots."),
     split: str = typer.Option("all", "--split", help="all | val | train"),
+    best_of: str = typer.Option(None, "--best-of", help="e.g. 1,2,4,8,16: the gold utility of the RM's pick among "
+                                "n samples of --policy, beside the gold's own pick and a random one."),
+    gold: str = typer.Option("rule", "--gold", help="With --best-of: the gold judge (rule | tasks | an RM)."),
+    policy: str = typer.Option(None, "--policy", help="With --best-of: the model sampled (default: the RM's start "
+                               "model, usually the SFT run)."),
+    prompts: str = typer.Option("tasks-heldout:4:1", "--prompts", help="With --best-of: held-out prompts."),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
 ) -> None:
-    """Pairwise accuracy (by source and K), calibration plot, reward-length correlation."""
+    """Pairwise accuracy (by source and K), calibration plot, reward-length correlation; --best-of: how far
+    a policy optimised against this RM can be trusted (its pick's gold utility at each n)."""
     import json
 
-    from chatforge.stages.rm_eval import evaluate
+    from chatforge.stages.rm_eval import best_of_n, evaluate, parse_best_of
 
+    if not data and not best_of:
+        raise UserError("rm eval needs --data (comparisons) and/or --best-of N,N,...")
+    if best_of:
+        ns = parse_best_of(best_of)
+        if policy is None:
+            from chatforge.core.model import resolve_model_path
+            from chatforge.core.run import read_manifest
+
+            run = resolve_model_path(model)
+            man = read_manifest(run.parent if run.name == "model" else run) or {}
+            policy = (man.get("config") or {}).get("model")
+            if not policy:
+                raise UserError(f"{model}: no start model in its manifest; name the sampled model with --policy")
+        res = best_of_n(model, policy, prompts, ns, gold, temperature, max_new_tokens, out=out)
+        if not data:
+            print(json.dumps(res, indent=2, default=str))
+            return
     print(json.dumps(evaluate(model, list(data), out, split=split), indent=2, default=str))
 
 

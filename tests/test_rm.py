@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from helpers import run_killed_then_resumed, save_tiny_model
 
 from chatforge.config import RMConfig, load_config
-from chatforge.core.io import DataError
+from chatforge.core.io import DataError, UserError
 from chatforge.core.tokenizer import render_conversation
 from chatforge.data.formats import Comparison
 from chatforge.data.rm_data import (
@@ -373,3 +373,30 @@ def test_normalisation_sample_spans_the_whole_file():
     assert len(pick) == 40 == len(set(pick)) and pick == sorted(pick, key=items.index)  # file order kept
     assert {p.split("-")[0] for p in pick} == {"arith", "caps", "sort", "json"}  # the first 40 rows: arith only
     assert normalisation_sample(items, 40, seed=3) == pick and normalisation_sample(items[:5], 40, 0) == items[:5]
+
+
+def test_best_of_n_rm_pick_vs_oracle_and_random(trained, rm_setup, tmp_path):
+    from chatforge.stages.rm_eval import best_of_n, parse_best_of
+
+    out, _ = trained
+    base, _ = rm_setup
+    res = best_of_n(str(out), str(base), "tasks-heldout:1:1", [1, 2, 4], "rule", max_new_tokens=6, out=tmp_path)
+    rows = res["rows"]
+    assert [r["n"] for r in rows] == [1, 2, 4] and res["n_prompts"] == 8
+    one = rows[0]
+    assert one["rm_pick"] == pytest.approx(one["oracle"]) == pytest.approx(one["random"]) and one["kl_nats"] == 0
+    assert all(r["oracle"] >= r["rm_pick"] - 1e-9 and r["oracle"] >= r["random"] - 1e-9 for r in rows)
+    assert rows[2]["oracle"] >= rows[1]["oracle"] >= rows[0]["oracle"]
+    assert rows[2]["kl_nats"] == pytest.approx(math.log(4) - 3 / 4)
+    assert (tmp_path / "best_of_n.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "best_of_n.json").read_text())["rows"][1]["n"] == 2
+    # a proxy that is the gold picks exactly the oracle's reply: the RM column is the selection, not a copy
+    same = best_of_n("rule", str(base), "tasks-heldout:1:1", [4], "rule", max_new_tokens=6)["rows"][0]
+    assert same["rm_pick"] == pytest.approx(same["oracle"]) and same["recovered"] in (None, pytest.approx(1.0))
+    with pytest.raises(UserError, match="task-suite checker cannot score"):
+        prompts = tmp_path / "p.jsonl"
+        prompts.write_text(json.dumps({"messages": USER}) + "\n")
+        best_of_n(str(out), str(base), str(prompts), [2], "tasks")
+    with pytest.raises(UserError, match="integers"):
+        parse_best_of("1,two")
+    assert parse_best_of("8,1,2,2") == [1, 2, 8]
