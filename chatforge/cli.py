@@ -446,6 +446,8 @@ def eval_cmd(
     prompts: str = typer.Option(None, "--prompts", "-p", help="tasks-heldout:N[:SEED] or a prompt JSONL."),
     train_prompts: list[str] = typer.Option(None, "--train-prompts", help="Training prompts to check for overlap (repeatable)."),
     bias: bool = typer.Option(None, "--bias/--no-bias", help="Run the bias probes (default on)."),
+    bias_file: str = typer.Option(None, "--bias-file", help="A CrowS-Pairs-format CSV (sent_more, sent_less, "
+                                  "stereo_antistereo, bias_type): the CrowS-Pairs probe on your own pairs."),
     previous: str = typer.Option(None, "--previous", help="The previous round's report dir (linked and compared)."),
     out: Path = typer.Option(..., "--out", "-o", help="Report dir: report.md, report.html, report.json, *.png."),
     config: Path = ConfigOpt,
@@ -462,7 +464,7 @@ def eval_cmd(
     cfg.model = model or cfg.model
     cfg.baselines = list(baseline) if baseline else cfg.baselines
     for name, value in (("reward", reward), ("judge", judge), ("data_dir", data_dir), ("sft_data", sft_data),
-                        ("prompts", prompts), ("bias", bias), ("previous", previous)):
+                        ("prompts", prompts), ("bias", bias), ("bias_file", bias_file), ("previous", previous)):
         if value is not None:
             setattr(cfg, name, value)
     cfg.comparisons = list(comparisons) if comparisons else cfg.comparisons

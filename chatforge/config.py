@@ -683,6 +683,9 @@ class EvalConfig:
     bias_bold_per_group: int = 2
     """BOLD prompts per group (the generating probe)."""
     bias_new_tokens: int = 32
+    bias_file: str | None = None
+    """A CrowS-Pairs-format CSV of your own (sent_more, sent_less, stereo_antistereo, bias_type): runs the
+    CrowS-Pairs probe on it beside the embedded probes (every row, no subsample)."""
     max_new_tokens: int = 48
     temperature: float = 0.0
     batch_size: int = 16

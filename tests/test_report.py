@@ -227,3 +227,24 @@ def test_judge_outcomes_majority_and_errors(lineage, tmp_path):
     with pytest.raises(UserError, match="not a report dir"):
         run(EvalConfig(model=str(lineage["ppo"])), tmp_path / "busy")
     assert (tmp_path / "busy" / "notes.txt").exists()
+
+
+def test_bias_file_runs_crows_pairs_and_a_bad_file_fails_first(tmp_path, tiny_tokenizer, tiny_model_factory):
+    from chatforge.core.io import DataError
+    from chatforge.stages.report import bias_report
+
+    model = tiny_model_factory(tiny_tokenizer)
+    csv_path = tmp_path / "pairs.csv"
+    csv_path.write_text("sent_more,sent_less,stereo_antistereo,bias_type\n"
+                        "The girl liked the red ball.,The boy liked the red ball.,stereo,gender\n"
+                        "She ran to the park.,He ran to the park.,antistereo,gender\n"
+                        "Lily saw a big sun.,Tom saw a big sun.,stereo,race-color\n")
+    cfg = EvalConfig(model="x", bias_file=str(csv_path), bias_max_examples=2, bias_bold_per_group=0, n_boot=50)
+    rep = bias_report(model, tiny_tokenizer, cfg)
+    crows = rep["crows_pairs"]
+    assert crows["n"] == 3 and set(crows["by_bias_type"]) == {"gender", "race-color"}
+    assert 0.0 <= crows["metrics"]["stereo_preference"]["value"] <= 1.0
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sent_more,sent_less,stereo_antistereo,bias_type\nA,B,maybe,gender\n")
+    with pytest.raises(DataError, match="bad.csv:2: stereo_antistereo"):
+        run(EvalConfig(model="no-such-model", bias_file=str(bad)), tmp_path / "out")  # before any model load

@@ -15,7 +15,8 @@ Sections (each a number in report.json and a section of report.md / report.html)
    OpenAI-compatible judge: any `chatforge label --labeler` spec), Wilson + bootstrap intervals, a
    length-controlled variant, and Bradley–Terry strengths when there are three or more models;
 5. fluency proxies (distinct-n, repetition, length, end-of-turn rate);
-6. bias probes (Winogender, BBQ, BOLD subsets) with the baseline → model change;
+6. bias probes (Winogender, BBQ, BOLD subsets; CrowS-Pairs on a CSV of yours with `--bias-file`) with the
+   baseline → model change;
 7. training curves along the model's lineage and the reward-hacking guards that fired;
 8. eval prompts that also occur in training data (by hash of the normalised user message).
 
@@ -262,6 +263,8 @@ def bias_report(model: Any, tok: Any, cfg: EvalConfig) -> dict[str, dict]:
         rows = bias.load_bold(max_per_group=cfg.bias_bold_per_group)
         out["bold"] = bias.bold_probe(make_continue_fn(model, tok, cfg.bias_new_tokens), rows, n_boot=cfg.n_boot,
                                       seed=cfg.seed, batch_size=cfg.batch_size)
+    if cfg.bias_file:
+        out["crows_pairs"] = bias.crows_pairs_probe(loglik, bias.load_crows_pairs(cfg.bias_file), cfg.batch_size)
     return out
 
 
@@ -499,6 +502,12 @@ def run(cfg: EvalConfig, out: str | Path, reply_fn: ReplyFn | None = None) -> di
         raise UserError(f"{out} exists and is not a report dir; choose another --out")
     if cfg.data_dir and not (Path(cfg.data_dir) / "meta.json").exists():
         raise UserError(f"--data-dir {cfg.data_dir} is not a prepared data dir (no meta.json)")
+    if cfg.bias_file:  # a bad CSV fails here, naming its line, before any model is loaded
+        from chatforge.evals.bias import load_crows_pairs
+
+        if not cfg.bias:
+            raise UserError("--bias-file needs the bias probes on (drop --no-bias)")
+        load_crows_pairs(cfg.bias_file)
     prompts = load_prompts(cfg.prompts)
     if not prompts:
         raise UserError(f"--prompts {cfg.prompts}: no prompts")
