@@ -683,6 +683,8 @@ class EvalConfig:
     bias_bold_per_group: int = 2
     """BOLD prompts per group (the generating probe)."""
     bias_new_tokens: int = 32
+    kl: bool = True
+    """Re-measure each RL model's KL to its reference on the eval prompts (sampled replies at T 1)."""
     bias_file: str | None = None
     """A CrowS-Pairs-format CSV of your own (sent_more, sent_less, stereo_antistereo, bias_type): runs the
     CrowS-Pairs probe on it beside the embedded probes (every row, no subsample)."""

@@ -58,7 +58,7 @@ def lineage(tmp_path_factory, tiny_tokenizer, tiny_model_factory):
     _metrics(sft, [{"train/loss": 3.0 - i * 0.2} for i in range(5)])
     save_tiny_model(ppo / "model", tok, tiny_model_factory, seed=3)
     _manifest(ppo, "ppo-c", "ppo", parent="sft-b", inputs={"policy": {"path": str(sft / "model")}},
-              config={"prompts": "tasks:4"}, metrics={"guards_fired": {"kl": 1}})
+              config={"prompts": "tasks:4", "policy": str(sft / "model")}, metrics={"guards_fired": {"kl": 1}})
     _metrics(ppo, [{"objective/kl": 0.1 * i, "objective/entropy": 2.0 - 0.1 * i, "objective/scores": 0.2 * i,
                     "guards/kl": float(i == 3),
                     **({"objective/gold": 0.5 - 0.1 * (i - 2) ** 2, "objective/proxy": 0.3 * i} if i % 2 == 0 else {})}
@@ -99,7 +99,8 @@ def test_every_section_written(report):
     rep, out = report
     md = (out / "report.md").read_text()
     for title in ("Summary", "Held-out loss", "Task-suite accuracy", "Reward model", "Win rate of ppo-c",
-                  "Fluency", "Bias probes", "Training curves", "Eval / train overlap", "Sample replies", "Warnings"):
+                  "Fluency", "Bias probes", "KL to the reference", "Training curves", "Eval / train overlap",
+                  "Sample replies", "Warnings"):
         assert f"## {title}" in md, title
     assert json.loads((out / "report.json").read_text())["headline"] == rep["headline"]
     for label in ("ppo-c", "sft-b", "other"):
@@ -248,3 +249,24 @@ def test_bias_file_runs_crows_pairs_and_a_bad_file_fails_first(tmp_path, tiny_to
     bad.write_text("sent_more,sent_less,stereo_antistereo,bias_type\nA,B,maybe,gender\n")
     with pytest.raises(DataError, match="bad.csv:2: stereo_antistereo"):
         run(EvalConfig(model="no-such-model", bias_file=str(bad)), tmp_path / "out")  # before any model load
+
+
+def test_kl_to_the_reference_from_the_run_and_re_measured(report, lineage):
+    from chatforge.core.model import load_model_and_tokenizer
+    from chatforge.stages.report import reply_logps, sample_rows
+
+    rep, _ = report
+    kl = rep["models"]["ppo-c"]["kl"]
+    assert kl["reference"] == str(lineage["sft"] / "model") and kl["temperature"] == 1.0
+    assert kl["run"] == pytest.approx(0.2)  # mean objective/kl of the last 5 iterations: 0, .1, .2, .3, .4
+    assert kl["n"] == N_PROMPTS and kl["lo"] <= kl["eval"] <= kl["hi"]  # two near-uniform random models: KL ~ 0
+    assert rep["models"]["sft-b"]["kl"] is None  # not an RL run
+    model, tok, _ = load_model_and_tokenizer(str(lineage["ppo"] / "model"))
+    rows = sample_rows(model, tok, heldout_prompts(1)[:3], 6, 1.0, 0, batch_size=2)
+    lp = reply_logps(model, rows, tok.pad_token_id, batch_size=2)
+    q, a = rows[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([q + a])).logits[0, :-1].log_softmax(-1)
+    by_hand = sum(float(logits[len(q) - 1 + i, t]) for i, t in enumerate(a))
+    assert lp[0] == pytest.approx(by_hand, abs=1e-4)  # padding and batching change nothing
+    assert reply_logps(model, rows, tok.pad_token_id) - lp == pytest.approx(0, abs=1e-5)  # KL to itself is 0

@@ -93,6 +93,12 @@ class MultiSink:
             s.close()
 
 
+def final_mean(run_dir: Path, key: str = "objective/kl", last: int = 5) -> float | None:
+    """Mean of `key` over the last `last` rows of a run's metrics.jsonl that have it (None when none do)."""
+    vals = [r[key] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r.get(key) is not None]
+    return sum(vals[-last:]) / len(vals[-last:]) if vals else None
+
+
 def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []

@@ -27,6 +27,7 @@ from chatforge.config import load_config, to_dict
 from chatforge.core.io import UserError, write_json
 from chatforge.core.log import console, print0
 from chatforge.core.run import read_manifest
+from chatforge.core.tracking import final_mean
 
 
 class PeopleLabels(Protocol):
@@ -289,7 +290,7 @@ def run(cfg: LoopConfig, people: PeopleLabels | None = None, feedback: FeedbackS
                        "sft_vs_baseline": compare_models(cfg.sft, cfg.baseline, eval_prompts, cfg.judge,
                                                          cfg.eval_max_new_tokens, cache)} if cfg.baseline else {}),
                    "policy_metrics": {**(read_manifest(pol_dir) or {}).get("metrics", {}),
-                                      "final_kl": _final_kl(pol_dir)},
+                                      "final_kl": final_mean(pol_dir, "objective/kl")},
                    "previous_round": str(out / f"round-{r - 1}" / "eval.json") if r > 1 else None}
             write_json(eval_path, res)
         report_dir = rdir / "report"
@@ -313,14 +314,6 @@ def run(cfg: LoopConfig, people: PeopleLabels | None = None, feedback: FeedbackS
     summary = {"out": str(out), "rounds": rounds}
     write_json(out / "loop_summary.json", summary)
     return summary
-
-
-def _final_kl(run_dir: Path, last: int = 5) -> float | None:
-    """Mean `objective/kl` over the last iterations of a PPO/GRPO run (None for DPO)."""
-    from chatforge.core.tracking import read_metrics
-
-    kls = [r["objective/kl"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("objective/kl") is not None]
-    return sum(kls[-last:]) / len(kls[-last:]) if kls else None
 
 
 def _register(rdir: Path) -> None:

@@ -17,7 +17,8 @@ Sections (each a number in report.json and a section of report.md / report.html)
 5. fluency proxies (distinct-n, repetition, length, end-of-turn rate);
 6. bias probes (Winogender, BBQ, BOLD subsets; CrowS-Pairs on a CSV of yours with `--bias-file`) with the
    baseline → model change;
-7. training curves along the model's lineage and the reward-hacking guards that fired;
+7. training curves along the model's lineage and the reward-hacking guards that fired; every RL model's KL
+   to its reference, from the run and re-measured on the eval prompts;
 8. eval prompts that also occur in training data (by hash of the normalised user message).
 
 Everything compares text, so a baseline with another tokenizer works. Models are loaded one at a time.
@@ -59,6 +60,10 @@ class Subject:
     result: dict = field(default_factory=dict)
     replies: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    kl_reference: str | None = None
+    kl_rows: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    kl_logps: Any = None
+    kl_vocab: dict | None = None
 
 
 # ----------------------------------------------------------------------------- lineage
@@ -268,6 +273,87 @@ def bias_report(model: Any, tok: Any, cfg: EvalConfig) -> dict[str, dict]:
     return out
 
 
+# ----------------------------------------------------------------------------- KL to the reference
+
+RL_STAGES = ("ppo", "grpo", "dpo", "bon")
+KL_TEMPERATURE = 1.0  # KL(pi || ref) is an expectation under pi: sample at the rollouts' temperature
+
+
+def sample_rows(model: Any, tok: Any, prompts: list[dict], max_new_tokens: int, temperature: float, seed: int,
+                batch_size: int = 16) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, sampled reply ids incl. its stop token) per prompt, with the generation engine."""
+    from chatforge.core.generation import SamplingParams, generate
+    from chatforge.core.tokenizer import render_for_completion, stop_token_ids
+
+    context = model.config.max_position_embeddings
+    rows = []
+    for i in range(0, len(prompts), batch_size):
+        ids = [render_for_completion(tok, p["messages"])[-(context - max_new_tokens):] for p in prompts[i: i + batch_size]]
+        params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + i)
+        with torch.inference_mode():
+            gens = generate(model, ids, params, stop_token_ids=stop_token_ids(tok), pad_id=tok.pad_token_id)
+        rows += [(g[0].prompt_ids, g[0].token_ids) for g in gens]
+    return rows
+
+
+def reply_logps(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int = 0, batch_size: int = 16) -> np.ndarray:
+    """Sum of log p(reply ids | prompt ids) under `model` for each (prompt ids, reply ids) row."""
+    from chatforge.core.rl import logprobs_from_logits
+
+    out = np.zeros(len(rows))
+    dev = next(model.parameters()).device
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i: i + batch_size]
+        width = max(len(q) + len(a) for q, a in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        att = torch.zeros_like(ids)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        for j, (q, a) in enumerate(chunk):
+            ids[j, :len(q) + len(a)] = torch.tensor(list(q) + list(a))
+            att[j, :len(q) + len(a)] = 1
+            mask[j, len(q):len(q) + len(a)] = True
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits[:, :-1].float()
+        lp = logprobs_from_logits(logits, ids[:, 1:].to(dev)).cpu()
+        out[i: i + len(chunk)] = (lp * mask[:, 1:]).sum(1).numpy()
+    return out
+
+
+def kl_reference(s: Subject) -> str | None:
+    """The KL reference of an RL run (its `reference`, else the policy it started from), or None."""
+    m = read_manifest(s.run_dir) if s.run_dir else None
+    if not m or m.get("stage") not in RL_STAGES:
+        return None
+    cfg = m.get("config") or {}
+    return cfg.get("reference") or cfg.get("policy")
+
+
+def measure_kl(s: Subject, prompts: list[dict], cfg: EvalConfig) -> dict | None:
+    """Mean KL(model || reference) per reply on the eval prompts (replies sampled from the model at
+    KL_TEMPERATURE; Monte-Carlo estimate sum log pi - log ref, bootstrap interval), next to the run's own
+    `objective/kl` (mean of its last iterations)."""
+    from chatforge.core.model import load_model_and_tokenizer
+    from chatforge.core.tracking import final_mean
+    from chatforge.evals.stats import bootstrap_ci
+
+    ref_spec = s.kl_reference
+    if ref_spec is None or s.kl_logps is None or not s.kl_rows:
+        return None
+    out = {"reference": ref_spec, "run": final_mean(s.run_dir, "objective/kl") if s.run_dir else None,
+           "temperature": KL_TEMPERATURE}
+    try:
+        ref, rtok, _ = load_model_and_tokenizer(ref_spec)
+    except (UserError, OSError) as e:
+        return {**out, "skipped": f"reference not loadable: {e}"}
+    if rtok.get_vocab() != s.kl_vocab:
+        return {**out, "skipped": "the reference has another tokenizer"}
+    ref.eval()
+    kl = s.kl_logps - reply_logps(ref, s.kl_rows, rtok.pad_token_id or 0, cfg.batch_size)
+    del ref
+    lo, hi = bootstrap_ci(kl, n_boot=cfg.n_boot, seed=cfg.seed)
+    return {**out, "eval": float(kl.mean()), "lo": lo, "hi": hi, "n": len(kl)}
+
+
 # ----------------------------------------------------------------------------- history and overlap
 
 CURVE_KEYS = ("train/loss", "loss", "val/loss", "val/accuracy", "objective/scores", "objective/rlhf_reward",
@@ -409,6 +495,11 @@ def _evaluate_subject(s: Subject, prompts: list[dict], cfg: EvalConfig, data_dir
     r["lm"] = lm_val_loss(model, tok, dd, cfg.seq_len, cfg.batch_size, cfg.lm_batches) if dd else None
     r["sft_val"] = sft_val_loss(model, tok, sft_convs, cfg.seq_len, cfg.batch_size) if sft_convs else None
     r["bias"] = bias_report(model, tok, cfg) if cfg.bias else None
+    s.kl_reference = kl_reference(s) if cfg.kl else None
+    if s.kl_reference is not None:  # sampled replies and their log-probs now; the reference is loaded later
+        s.kl_rows = sample_rows(model, tok, prompts, cfg.max_new_tokens, KL_TEMPERATURE, cfg.seed + 1, cfg.batch_size)
+        s.kl_logps = reply_logps(model, s.kl_rows, tok.pad_token_id or 0, cfg.batch_size)
+        s.kl_vocab = tok.get_vocab()
     if rm is not None:
         from chatforge.evals.stats import bootstrap_ci
         from chatforge.stages.rm_eval import score_texts
@@ -523,6 +614,8 @@ def run(cfg: EvalConfig, out: str | Path, reply_fn: ReplyFn | None = None) -> di
     for s in subjects:
         _evaluate_subject(s, prompts, cfg, data_dir, sft_convs, reply_fn, rm)
     del rm
+    for s in subjects:
+        s.result["kl"] = measure_kl(s, prompts, cfg)
     win_rates, bt = _pairwise(cfg, subjects, _judges(cfg, subjects, prompts))
     rm_acc = None
     if cfg.comparisons:

@@ -282,6 +282,25 @@ def _bias(report: dict) -> list[Block]:
     return out
 
 
+def _kl(report: dict) -> list[Block]:
+    rows = []
+    for label, r in report["models"].items():
+        k = r.get("kl")
+        if not k:
+            continue
+        measured = (f"skipped: {k['skipped']}" if k.get("skipped") else
+                    f"{_ci(k['eval'], k['lo'], k['hi'])} on {k['n']} prompts")
+        rows.append([label, str(k["reference"]), _num(k.get("run")), measured])
+    if not rows:
+        return []
+    return [("h2", "KL to the reference"),
+            ("p", "Mean KL(model || reference) per reply in nats: from the run (objective/kl, mean of its last 5 "
+                  "iterations, on its training prompts) and re-measured here on the eval prompts (replies sampled "
+                  "from the model at temperature 1.0, the Monte-Carlo estimate sum log p_model - log p_ref; 95 % "
+                  "bootstrap interval)."),
+            ("table", ["model", "reference", "KL in the run", "KL on the eval prompts"], rows)]
+
+
 def _curves(report: dict) -> list[Block]:
     out: list[Block] = [("h2", "Training curves")]
     curves = report["plots"]["curves"]
@@ -335,7 +354,7 @@ def blocks(report: dict) -> list[Block]:
     ]
     if report["warnings"]:
         head += [("h2", "Warnings"), ("ul", report["warnings"])]
-    sections = (_summary, _previous, _losses, _tasks, _reward, _win_rates, _fluency, _bias, _curves, _overlap,
+    sections = (_summary, _previous, _losses, _tasks, _reward, _win_rates, _fluency, _bias, _kl, _curves, _overlap,
                 _samples)
     return head + [b for fn in sections for b in fn(report)]
 
