@@ -727,6 +727,27 @@ def export_rankings_cmd(
     print(f"wrote {n} {'consensus ' if consensus else ''}{'rows' if fmt != 'chatforge' else 'comparisons'} to {out}")
 
 
+@export_app.command("demos")
+def export_demos_cmd(
+    db: str = DbOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="JSONL file to write (atomically)."),
+    author: str = typer.Option(None, "--author", help="Only this trainer's demonstrations."),
+    prompt_set: str = typer.Option(None, "--prompt-set", help="Only those written on this prompt set (id or name)."),
+    fmt: str = typer.Option("chatforge", "--format", help="chatforge | openai | trl ({messages})."),
+) -> None:
+    """Demonstrations people wrote in the app (latest revision each) as SFT conversations (`sft --data`)."""
+    from chatforge.data.convert import CONV_WRITERS
+    from chatforge.data.formats import write_jsonl_records
+    from chatforge.server.web.demos import demo_conversations
+
+    if fmt not in ("chatforge", "openai", "trl"):
+        raise UserError(f"--format must be chatforge, openai or trl, not '{fmt}'")
+    with _db(db).session() as s:
+        convs = demo_conversations(s, author, prompt_set)
+    n = write_jsonl_records(out, [row for c in convs for row in CONV_WRITERS[fmt](c)])
+    print(f"wrote {n} demonstrations to {out}")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -7,24 +7,20 @@ import re
 
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, event
 from sqlalchemy.orm import sessionmaker
 
-import chatforge.server.web.models  # noqa: F401 - registers the web tables on Base
-from chatforge.server.db.models import Base, User
+from chatforge.server.db import open_db
+from chatforge.server.db.models import User
 from chatforge.server.web import install
 from chatforge.server.web.security import hash_password
 
 
 def make_app(url: str) -> tuple[FastAPI, sessionmaker]:
-    engine = create_engine(url)
-    if url.startswith("sqlite"):
-        event.listen(engine, "connect", lambda c, _: c.execute("PRAGMA foreign_keys=ON"))
-    Base.metadata.create_all(engine)
-    sm = sessionmaker(engine, expire_on_commit=False)
+    """The web app alone (no model) on a database built by the real migrations."""
+    db = open_db(url)
     app = FastAPI()
-    install(app, sm)
-    return app, sm
+    install(app, db.sessions)
+    return app, db.sessions
 
 
 def add_user(sm: sessionmaker, name: str, role: str, password: str = "password-123") -> None:

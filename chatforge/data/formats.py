@@ -386,26 +386,43 @@ def read_prompts(path: str | Path, strip_assistant: bool = False) -> list[Conver
 
     With `strip_assistant`, trailing assistant turns are dropped, so SFT conversations work as prompts.
     """
+    return [_prompt_of(obj, (path, n), strip_assistant) for n, obj in read_jsonl(path)]
+
+
+def read_prompts_text(text: str, source: str = "upload", strip_assistant: bool = False) -> list[Conversation]:
+    """`read_prompts` of JSONL text (an upload); errors name `source` and the line."""
     out = []
-    for n, obj in read_jsonl(path):
-        where = (path, n)
-        if isinstance(obj, str):
-            obj = {"messages": [{"role": "user", "content": obj}]}
-        elif isinstance(obj, dict) and "messages" not in obj and "prompt" in obj:
-            p = obj["prompt"]
-            msgs = [{"role": "user", "content": p}] if isinstance(p, str) else p.get("messages") if isinstance(p, dict) else p
-            obj = {**{k: v for k, v in obj.items() if k != "prompt"}, "messages": msgs}
-        elif not isinstance(obj, dict):
-            raise _err(where, f"expected a prompt object or string, got {type(obj).__name__}")
-        conv = Conversation.from_dict(obj, path, n, require_assistant=False)
-        if strip_assistant:
-            while conv.messages and conv.messages[-1].role == "assistant":
-                conv.messages.pop()
-            if not conv.messages or conv.messages[-1].role != "user":
-                raise _err(where, "no user message left after dropping the final assistant turns")
-        check_prompt(conv.messages, where, name="messages")
-        out.append(conv)
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _err((source, n), f"not valid JSON ({e.msg})") from None
+        out.append(_prompt_of(obj, (source, n), strip_assistant))
+    if not out:
+        raise _err((source, None), "no prompts in the file")
     return out
+
+
+def _prompt_of(obj: Any, where: Where, strip_assistant: bool) -> Conversation:
+    path, n = where
+    if isinstance(obj, str):
+        obj = {"messages": [{"role": "user", "content": obj}]}
+    elif isinstance(obj, dict) and "messages" not in obj and "prompt" in obj:
+        p = obj["prompt"]
+        msgs = [{"role": "user", "content": p}] if isinstance(p, str) else p.get("messages") if isinstance(p, dict) else p
+        obj = {**{k: v for k, v in obj.items() if k != "prompt"}, "messages": msgs}
+    elif not isinstance(obj, dict):
+        raise _err(where, f"expected a prompt object or string, got {type(obj).__name__}")
+    conv = Conversation.from_dict(obj, path, n, require_assistant=False)
+    if strip_assistant:
+        while conv.messages and conv.messages[-1].role == "assistant":
+            conv.messages.pop()
+        if not conv.messages or conv.messages[-1].role != "user":
+            raise _err(where, "no user message left after dropping the final assistant turns")
+    check_prompt(conv.messages, where, name="messages")
+    return conv
 
 
 def read_tasks(path: str | Path) -> list[RankingTask]:

@@ -128,6 +128,41 @@ def _submit(m: Any, prompt_ids: list[int], params: RowParams, n: int) -> GenRequ
     return req
 
 
+async def stream_chat(m: Any, messages: list[dict], max_tokens: int = 256, temperature: float = 0.7,
+                      top_p: float = 0.95, seed: int | None = None) -> AsyncIterator[tuple]:
+    """A reply of served model `m` through its scheduler (the web app's chat and drafts use it): yields
+    ("delta", text) pieces and ends with ("done", finish_reason, prompt_tokens, completion_tokens)."""
+    from chatforge.core.tokenizer import render_for_completion
+
+    prompt_ids = render_for_completion(m.tok, messages)
+    if len(prompt_ids) >= m.context:
+        raise OpenAIError(400, f"the conversation is {len(prompt_ids)} tokens; the model's context is {m.context}",
+                          code="context_length_exceeded")
+    params = RowParams(temperature=temperature, top_p=top_p, max_new_tokens=min(max_tokens, m.context - len(prompt_ids)),
+                       seed=seed)
+    req = _submit(m, prompt_ids, params, 1)
+    try:
+        async for ev in _events(req):
+            if ev[0] == "delta":
+                if ev[2]:
+                    yield ("delta", ev[2])
+            else:
+                yield ("done", ev[2], len(prompt_ids), ev[3])
+    finally:
+        req.cancelled = True  # the reader stopped (done or gone): the row leaves the batch at the next step
+
+
+async def complete_chat(m: Any, messages: list[dict], **kw: Any) -> tuple[str, str, int, int]:
+    """(text, finish_reason, prompt_tokens, completion_tokens) of one reply (see stream_chat)."""
+    text, end = "", ("length", 0, 0)
+    async for ev in stream_chat(m, messages, **kw):
+        if ev[0] == "delta":
+            text += ev[1]
+        else:
+            end = ev[1:]
+    return text, end[0], end[1], end[2]
+
+
 def _logprob_entries(tok: Any, entries: list[tuple]) -> list[dict]:
     def one(i: int, lp: float) -> dict:
         s = tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)

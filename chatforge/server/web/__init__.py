@@ -12,9 +12,11 @@ def install(app: Any, sessionmaker: Any = None) -> None:
     if sessionmaker is not None:
         app.state.web_sessionmaker = sessionmaker
     from chatforge.server.web.accounts import router as accounts_router
+    from chatforge.server.web.demos import router as demos_router
 
     app.include_router(router)
     app.include_router(accounts_router)
+    app.include_router(demos_router)
 
 
 __all__ = ["router", "install"]

@@ -108,3 +108,56 @@ class Ranking(Base):
     shown_order: Mapped[list[Any]] = mapped_column()
     seconds: Mapped[float | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class PromptSet(Base):
+    """Prompts imported for demonstration writing (DESIGN prompt format, one row per prompt)."""
+
+    __tablename__ = "web_prompt_sets"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("pst_", 6))
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    guidelines: Mapped[str] = mapped_column(Text, default="")
+    created_by: Mapped[str | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SetPrompt(Base):
+    """One prompt of a set: the conversation so far, ending with a user turn."""
+
+    __tablename__ = "web_prompts"
+    __table_args__ = (UniqueConstraint("set_id", "prompt_id"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("prm_", 8))
+    set_id: Mapped[str] = mapped_column(ForeignKey("web_prompt_sets.id", ondelete="CASCADE"), index=True)
+    prompt_id: Mapped[str] = mapped_column(String(200))
+    messages: Mapped[list[Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Demonstration(Base):
+    """A conversation a trainer writes playing both sides. `draft` holds the turns as last typed (saved as
+    they type); each submit adds a DemoRevision, so a revised demonstration keeps its history."""
+
+    __tablename__ = "web_demos"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("dem_", 8))
+    author_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    prompt_id: Mapped[str | None] = mapped_column(ForeignKey("web_prompts.id", ondelete="SET NULL"), default=None)
+    draft: Mapped[list[Any]] = mapped_column(default=list)  # [{"role", "content"}]
+    model_drafts: Mapped[list[Any]] = mapped_column(default=list)  # [{"turn", "content", "model"}]: what the model wrote
+    status: Mapped[str] = mapped_column(String(16), default="draft")  # draft | submitted
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class DemoRevision(Base):
+    """A submitted version of a demonstration; `submit_key` makes a double submit store one row."""
+
+    __tablename__ = "web_demo_revisions"
+    __table_args__ = (UniqueConstraint("demo_id", "revision"), UniqueConstraint("submit_key"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    demo_id: Mapped[str] = mapped_column(ForeignKey("web_demos.id", ondelete="CASCADE"), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    submit_key: Mapped[str] = mapped_column(String(64))
+    messages: Mapped[list[Any]] = mapped_column()
+    model_drafts: Mapped[list[Any]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -137,13 +137,27 @@ def _rank_page(request: Request, db: DB, auth: tuple, aid: str, status: int = 20
     replies = [{"letter": cp.LETTERS[i], "content": by_id[rid]["content"]} for i, rid in enumerate(a.shown_order)]
     last = db.scalars(select(Ranking).where(Ranking.assignment_id == a.id).order_by(Ranking.revision.desc())).first()
     return page(request, "rank.html", user, sess, status=status, a=a, task=t.data, campaign=c, replies=replies,
-                error=error, form=form or {}, last=last, submit_key=secrets.token_urlsafe(16),
+                error=error, form=form or a.draft or {}, last=last, submit_key=secrets.token_urlsafe(16),
                 started=time.time())
 
 
 @router.get("/rank/{aid}")
 def rank_form(request: Request, db: DB, auth: Labeler, aid: str) -> HTMLResponse:
     return _rank_page(request, db, auth, aid)
+
+
+@router.post("/rank/{aid}/draft")
+async def rank_autosave(request: Request, db: DB, auth: Labeler, aid: str) -> Response:
+    """Autosave of the ranking form as the labeler works (restored when the task is opened again)."""
+    from fastapi.responses import JSONResponse
+
+    form = await request.form()
+    check_csrf(auth[0], str(form.get("csrf", "")))
+    a, _, _ = _own_assignment(db, aid, auth[1])
+    keep = {k: str(v)[:cp.MAX_TEXT] for k, v in form.items() if k not in ("csrf", "submit_key", "started", "action")}
+    a.draft = keep
+    db.commit()
+    return JSONResponse({"saved": True})
 
 
 @router.post("/rank/{aid}")
@@ -214,8 +228,10 @@ def admin_page(request: Request, db: DB, auth: tuple, status: int = 200, **ctx: 
     invites = list(db.scalars(select(WebInvite).where(WebInvite.used_at.is_(None),
                                                       WebInvite.expires_at > datetime.now(timezone.utc))
                               .order_by(WebInvite.created_at)))
+    from chatforge.server.web.demos import prompt_sets_summary
+
     return page(request, "admin.html", user, sess, status=status, campaigns=rows, users=users, roles=ROLES,
-                log=log, invites=invites, **ctx)
+                log=log, invites=invites, prompt_sets=prompt_sets_summary(db), **ctx)
 
 
 @router.post("/admin/users")

@@ -44,3 +44,28 @@
   input.addEventListener("input", render);
   render();
 })();
+
+// Autosave: a form with data-autosave="URL" posts its fields there (CSRF included) a second after the
+// last keystroke, and before the page is left, so a closed tab loses nothing typed.
+(function () {
+  const form = document.querySelector("form[data-autosave]");
+  if (!form) return;
+  const status = document.getElementById("autosave-status");
+  let timer = null, dirty = false;
+  function save(keepalive) {
+    if (!dirty) return;
+    dirty = false;
+    const body = new URLSearchParams(new FormData(form));
+    body.delete("action");
+    fetch(form.dataset.autosave, {method: "POST", body: body, keepalive: !!keepalive, credentials: "same-origin"})
+      .then(r => { if (status) status.textContent = r.ok ? "Saved." : "Not saved (" + r.status + ")"; })
+      .catch(() => { dirty = true; if (status) status.textContent = "Offline: not saved yet."; });
+  }
+  form.addEventListener("input", () => {
+    dirty = true;
+    if (status) status.textContent = "Saving…";
+    clearTimeout(timer);
+    timer = setTimeout(() => save(false), 1000);
+  });
+  window.addEventListener("pagehide", () => save(true));
+})();
