@@ -10,6 +10,15 @@ torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def web_db_url(request, tmp_path):
+    """A fresh database for a web-app test: a SQLite file, then a database on the real PostgreSQL server
+    (tests/postgres.py; that fixture skips only when initdb/pg_ctl are not installed)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'app.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     """A small byte-level BPE with chatforge's chat template, trained on a few KB of text."""

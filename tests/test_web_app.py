@@ -15,9 +15,9 @@ from chatforge.data.formats import Comparison
 from chatforge.server.web.models import AuditLog, Ranking, WebSession
 
 
-@pytest.fixture(params=["sqlite"])
-def env(request, tmp_path):
-    app, sm = make_app(f"sqlite:///{tmp_path / 'app.db'}")
+@pytest.fixture
+def env(web_db_url):
+    app, sm = make_app(web_db_url)
     add_user(sm, "admin", "admin")
     for name in ("ann", "bob", "cat"):
         add_user(sm, name, "labeler")
