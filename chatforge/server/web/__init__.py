@@ -12,11 +12,15 @@ def install(app: Any, sessionmaker: Any = None) -> None:
     if sessionmaker is not None:
         app.state.web_sessionmaker = sessionmaker
     from chatforge.server.web.accounts import router as accounts_router
+    from chatforge.server.web.arena import router as arena_router
+    from chatforge.server.web.chat import router as chat_router
     from chatforge.server.web.demos import router as demos_router
 
     app.include_router(router)
     app.include_router(accounts_router)
     app.include_router(demos_router)
+    app.include_router(chat_router)
+    app.include_router(arena_router)
 
 
 __all__ = ["router", "install"]
