@@ -211,3 +211,81 @@ def test_leaderboard_bradley_terry_hand_case():
     even = leaderboard([("A", "B", "a"), ("A", "B", "b"), ("A", "B", "tie"), ("B", "A", "bad")], n_boot=50)
     assert abs(even[0]["strength"] - even[1]["strength"]) < 1e-6
     assert leaderboard([]) == []
+
+
+@pytest.fixture(scope="module")
+def live_app(tiny_tokenizer, tmp_path_factory):
+    """A second app under a real uvicorn for the browser (its own schedulers and database)."""
+    from helpers import live
+
+    from chatforge.server.app import ServedModel, create_app
+
+    models = [ServedModel(id=name, model=_tiny(tiny_tokenizer, seed), tok=tiny_tokenizer, run_id=f"run-{name}",
+                          aliases=[name], context=256) for seed, name in enumerate(("tiny-a", "tiny-b"))]
+    app = create_app(models, db_url=f"sqlite:///{tmp_path_factory.mktemp('live') / 'app.db'}", no_auth=True)
+    add_user(app.state.db.sessions, "ulla", "user")
+    with pytest.MonkeyPatch.context() as mp, live(app) as base:
+        mp.setattr("chatforge.server.web.chat.MAX_REPLY_TOKENS", 24)
+        yield app, base
+
+
+def test_chat_and_arena_in_a_real_browser(live_app, tmp_path):
+    """chat.js in chromium: Ctrl+Enter sends, the reply streams in, thumbs with a chip, regenerate, prefer;
+    an arena vote by keyboard; a <script> in the message never runs; the chat fits a phone."""
+    from web_browser import PHONE, artifacts_dir, launch_chromium, no_horizontal_scroll
+
+    app, base = live_app
+    pw, browser = launch_chromium()
+    shots = artifacts_dir(tmp_path)
+    try:
+        page = browser.new_page(viewport=PHONE)
+        dialogs: list[str] = []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        streamed: list[str] = []  # posts made by chat.js's fetch (a plain form post has no such Accept)
+        page.on("request", lambda r: streamed.append(r.url.rsplit("/", 1)[1])
+                if "text/event-stream" in r.headers.get("accept", "") else None)
+        page.goto(base + "/app/login")  # by keyboard: name, Tab, password, Enter
+        page.focus("input[name=username]")
+        page.keyboard.type("ulla")
+        page.keyboard.press("Tab")
+        page.keyboard.type("password-123")
+        page.keyboard.press("Enter")
+        page.wait_for_url(base + "/app/")
+        page.goto(base + "/app/chat")
+        page.focus("button[accesskey=n]")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#send-form")
+        page.focus("textarea[name=content]")
+        page.keyboard.type(f"Hi {XSS} <img src=x onerror=alert(2)>")
+        page.keyboard.press("Control+Enter")
+        page.wait_for_selector(".reply-tools")  # streamed, then the page reloads with the stored reply
+        assert page.locator("article.turn.user pre").first.inner_text() == f"Hi {XSS} <img src=x onerror=alert(2)>"
+        assert no_horizontal_scroll(page)
+        page.screenshot(path=str(shots / "chat.png"), full_page=True)
+        page.click("details.thumbs summary")
+        page.check("input[name=chips][value='too long']")
+        page.click("button[value=down]")
+        page.wait_for_selector("details.thumbs summary:has-text('Rated')")
+        page.click("form[action$='/regenerate'] button")
+        page.wait_for_selector("text=reply 2 of 2")
+        page.click("text=Prefer this reply")
+        page.wait_for_load_state()
+        page.goto(base + "/app/arena")
+        page.fill("textarea[name=prompt]", "Tell me a story")
+        page.click("text=Ask both models")
+        page.wait_for_selector("form.votes")
+        assert "tiny-" not in page.inner_text("main")
+        page.focus("button[value=b]")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("text=Your vote: B is better")
+        assert "tiny-a" in page.inner_text("main") and "tiny-b" in page.inner_text("main")
+        page.screenshot(path=str(shots / "arena.png"), full_page=True)
+        assert dialogs == []  # no payload ran
+        assert streamed == ["send", "regenerate"]
+    finally:
+        browser.close()
+        pw.stop()
+    with app.state.db.session() as s:
+        fbs = list(s.scalars(select(Feedback).order_by(Feedback.created_at)))
+    assert [(f.rating, f.reason) for f in fbs][:2] == [(-1, "too long"), (-1, "preferred")]
+    assert len(fbs) == 4  # + the arena vote's two events

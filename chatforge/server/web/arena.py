@@ -113,14 +113,16 @@ async def arena_start(request: Request, db: DB, auth: Auth, csrf: Annotated[str,
     ma, mb = random.sample(served, 2)  # random pair, random sides
     conv = repo.create_conversation(db, user_id=user.id, title=ARENA_TITLE)
     msg = repo.add_message(db, conv.id, "user", text)
+    conv.meta = {"kind": "arena-pending"}  # not a battle until both replies are stored
+    db.commit()  # no write transaction stays open while the models answer (SQLite would lock)
     messages = [{"role": "user", "content": text}]
     started = time.perf_counter()
     try:
         (ta, ea), (tb, eb) = await asyncio.gather(_answer(ma, messages), _answer(mb, messages))
     except OpenAIError as e:
-        db.rollback()
+        db.delete(conv)
+        db.commit()
         raise HTTPException(e.status if e.status < 500 else 503, e.message) from None
-    conv.meta = {"kind": "arena"}
     ra = store_reply(db, ma, conv, msg, messages, ta, ea, user, started)
     rb = store_reply(db, mb, conv, msg, messages, tb, eb, user, started)
     conv.meta = {"kind": "arena", "model_a": ma.id, "model_b": mb.id, "version_a": version_of(ma),
