@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -69,6 +70,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun(*args: str, nproc: int = 2) -> list[str]:
+    """`torchrun --nproc-per-node N -m chatforge.cli ARGS` on a free rendezvous port (tests never share one)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+            str(free_port()), "-m", "chatforge.cli", *args]
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import run_killed_then_resumed, save_tiny_model
+from helpers import run_killed_then_resumed, save_tiny_model, torchrun
 
 from chatforge.core.rl import dpo_ipo_loss, dpo_sigmoid_loss
 from chatforge.core.tokenizer import render_for_completion
@@ -226,8 +226,7 @@ def test_dpo_config_problems_are_collected():
 def test_dpo_under_torchrun_two_processes(dpo_setup, tmp_path):
     model_dir, data = dpo_setup
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-           *_dpo_cmd(model_dir, data, out, 4, "train.batch_size=4")[1:]]
+    cmd = torchrun(*_dpo_cmd(model_dir, data, out, 4, "train.batch_size=4")[3:])
     r = subprocess.run(cmd, env={**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

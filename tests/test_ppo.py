@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import make_data_dir, run_killed_then_resumed, save_tiny_model
+from helpers import make_data_dir, run_killed_then_resumed, save_tiny_model, torchrun
 
 from chatforge.config import LoraConfig, PPOConfig, load_config
 from chatforge.core.generation import SamplingParams, generate
@@ -329,7 +329,6 @@ def test_rl_under_torchrun_two_processes(setup, tmp_path, stage):
     """Rollouts are sharded: each rank draws its own prompts; only rank 0 writes."""
     import os
     import subprocess
-    import sys
 
     root, model_dir, prompts = setup
     out = tmp_path / stage
@@ -338,9 +337,7 @@ def test_rl_under_torchrun_two_processes(setup, tmp_path, stage):
             "train.checkpoint_every=2", "train.threads=1"]
     sets += ["ppo.minibatch_size=2", "ppo.epochs=1"] if stage == "ppo" else ["grpo.group_size=2",
                                                                            "grpo.minibatch_size=4"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           "29541" if stage == "ppo" else "29543", "-m", "chatforge.cli", stage, "--out", str(out),
-           *sum([["--set", s] for s in sets], [])]
+    cmd = torchrun(stage, "--out", str(out), *sum([["--set", s] for s in sets], []))
     r = subprocess.run(cmd, env={**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

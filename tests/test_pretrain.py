@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from helpers import TINY, make_data_dir
+from helpers import TINY, make_data_dir, torchrun
 
 CLI = [sys.executable, "-m", "chatforge.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "1"}
@@ -78,8 +78,7 @@ def test_checkpoint_from_another_config_is_refused(data_dir, tmp_path):
 
 def test_torchrun_two_processes(data_dir, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "-m", "chatforge.cli", *_args(out, data_dir, 10)[3:]]
+    cmd = torchrun(*_args(out, data_dir, 10)[3:])
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     man = json.loads((out / "manifest.json").read_text())

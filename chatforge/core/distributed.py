@@ -91,3 +91,150 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+
+# ----------------------------------------------------------------------------- strategies (single | ddp | fsdp2)
+
+
+def resolve_strategy(cfg: Any, info: DistInfo) -> str:
+    """`train.strategy` for this launch; an impossible choice is a UserError before any work starts."""
+    from chatforge.core.io import UserError
+
+    s = cfg.strategy
+    if s == "auto":
+        s = "ddp" if info.enabled else "single"
+    if s in ("ddp", "fsdp2") and not info.enabled:
+        raise UserError(f"train.strategy={s} needs several processes; launch with "
+                        f"`torchrun --nproc-per-node N -m chatforge.cli ...` or set train.strategy=single")
+    if s == "single" and info.enabled:
+        raise UserError(f"train.strategy=single under torchrun ({info.world_size} processes) would train "
+                        f"{info.world_size} unsynchronised copies; use ddp or fsdp2")
+    if cfg.fsdp_cpu_offload and s != "fsdp2":
+        raise UserError(f"train.fsdp_cpu_offload needs train.strategy=fsdp2 (got {s})")
+    return s
+
+
+def require_replicated(cfg: Any, info: DistInfo, stage: str) -> str:
+    """For stages whose ranks run different numbers of forwards (RL rollouts generate replies of different
+    lengths per rank): FSDP2 is refused, since every forward of a sharded model is a collective."""
+    from chatforge.core.io import UserError
+
+    s = resolve_strategy(cfg, info)
+    if s == "fsdp2":
+        raise UserError(f"train.strategy=fsdp2 is not available for {stage} yet: its rollouts generate a different "
+                        "number of tokens on each rank, and every forward of a sharded model is a collective; "
+                        "use train.strategy=ddp (the policy, critic and frozen models are replicated)")
+    return s
+
+
+def check_offload_memory(model: torch.nn.Module, cfg: Any, info: DistInfo) -> None:
+    """CPU offload keeps this rank's shard of fp32 params, grads and two AdamW moments in host RAM:
+    refuse when the host cannot hold it (every local rank shares the same RAM)."""
+    from chatforge.core.io import UserError
+
+    if not cfg.fsdp_cpu_offload:
+        return
+    n = sum(p.numel() for p in model.parameters())
+    need = n * 4 * 4 // info.world_size * max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not POSIX: cannot tell, let it run
+        return
+    if need > avail:
+        raise UserError(f"train.fsdp_cpu_offload needs about {need / 2**30:.1f} GiB of host RAM for the "
+                        f"offloaded shards on this node, only {avail / 2**30:.1f} GiB is free; "
+                        "turn offload off or use more nodes")
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of an HF causal LM (or of a value/reward model wrapping one)."""
+    if getattr(model, "_no_split_modules", None):
+        names = set(model._no_split_modules)
+        layers = [m for m in model.modules() if type(m).__name__ in names]
+        if layers:
+            return layers
+    for m in model.modules():  # fallback: the first ModuleList of identical blocks
+        if isinstance(m, torch.nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1:
+            return list(m)
+    return []
+
+
+def fsdp2_shard(model: torch.nn.Module, cfg: Any, info: DistInfo, reshard_after_forward: bool = True
+                ) -> torch.nn.Module:
+    """`fully_shard` each decoder layer, then the root (torchtune's shard_model), in place.
+
+    Mixed precision: with dtype=bfloat16 (or auto on a bf16 GPU) params are cast to bf16 for compute,
+    gradients are reduced in fp32 and the sharded master weights and AdamW state stay fp32.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    kw: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and info.device.type == "cuda"
+                                       and torch.cuda.is_bf16_supported())
+    if bf16:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cfg.fsdp_cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=info.device.type == "cuda")
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def wrap_model(model: torch.nn.Module, info: DistInfo, cfg: Any, trainable: bool = True) -> torch.nn.Module:
+    """Wrap a model for `train.strategy`: itself (single), DDP, or FSDP2-sharded in place.
+
+    Frozen models (reference, reward) pass trainable=False: under ddp they stay plain replicas, under
+    fsdp2 they are sharded too (no gradients, so only the all-gather on forward).
+    """
+    strategy = resolve_strategy(cfg, info)
+    if cfg.activation_checkpointing and trainable and hasattr(model, "gradient_checkpointing_enable"):
+        # non-reentrant: works with DDP, FSDP2 and frozen inputs
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if strategy == "fsdp2":
+        check_offload_memory(model, cfg, info)
+        return fsdp2_shard(model, cfg, info)
+    if strategy == "ddp" and trainable:
+        return wrap_ddp(model, info)
+    return model
+
+
+def rank_share(items: list, info: DistInfo) -> list:
+    """This rank's equal share of `items` (every world_size-th, the remainder dropped): under FSDP2 every
+    rank must run the same number of forwards, since each forward all-gathers parameters."""
+    whole = len(items) // info.world_size * info.world_size
+    return items[:whole][info.rank::info.world_size]
+
+
+def is_sharded(model: Any) -> bool:
+    """True for a model sharded with FSDP2 (`fully_shard`)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole (unsharded) state dict of an FSDP2 model on CPU, on rank 0 (a collective: every rank calls)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def grad_sync(modules: list[Any], sync: bool) -> Any:
+    """Skip the gradient all-reduce / reduce-scatter on accumulation micro-batches: DDP's `no_sync`,
+    FSDP2's `set_requires_gradient_sync(False)` (re-enabled for the last micro-batch)."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    for m in modules:
+        if m is None:
+            continue
+        if hasattr(m, "set_requires_gradient_sync"):
+            m.set_requires_gradient_sync(sync)
+        elif not sync and hasattr(m, "no_sync"):
+            stack.enter_context(m.no_sync())
+    return stack

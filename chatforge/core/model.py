@@ -134,11 +134,23 @@ def merged(model: Any) -> Any:
     return bare
 
 
-def save_model(model: Any, tok: Any, out_dir: Path) -> None:
-    """save_pretrained (safetensors) + tokenizer, atomically: loadable with plain transformers."""
+def save_model(model: Any, tok: Any, out_dir: Path, is_main: bool = True, extra: dict[str, str] | None = None) -> None:
+    """save_pretrained (safetensors) + tokenizer (+ `extra` text files), atomically: loadable with plain
+    transformers. An FSDP2-sharded model is gathered first (every rank calls this; `is_main` writes)."""
+    from chatforge.core.distributed import full_state_dict, is_sharded
+
+    bare = unwrap(model)
+    state = full_state_dict(bare) if is_sharded(bare) else None
+    if not is_main:
+        return
     with atomic_dir(out_dir) as tmp:
-        merged(model).save_pretrained(tmp, safe_serialization=True)
+        if state is not None:
+            bare.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        else:
+            merged(model).save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
 
 
 def flops_per_token(model: Any, seq_len: int) -> float:

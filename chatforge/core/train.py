@@ -89,15 +89,17 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.
 
 def prepare_training(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo
                      ) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any, torch.dtype | None]:
-    """The usual set-up of a one-model stage: (DDP-wrapped, optionally compiled model, AdamW, LR schedule,
-    autocast dtype)."""
-    from chatforge.core.distributed import wrap_ddp
+    """The usual set-up of a one-model stage: (the model wrapped for train.strategy - itself, DDP, or FSDP2
+    sharded in place - optionally compiled; AdamW over the (sharded) parameters; LR schedule; autocast dtype).
+    Under FSDP2 with bf16 the mixed-precision policy casts instead of autocast."""
+    from chatforge.core.distributed import is_sharded, wrap_model
 
-    ddp_model = wrap_ddp(model, info)
+    wrapped = wrap_model(model, info, cfg)
     if cfg.compile:
-        ddp_model = torch.compile(ddp_model)
+        wrapped = torch.compile(wrapped)
     opt = make_optimizer(model.parameters(), cfg, info.device)
-    return ddp_model, opt, make_scheduler(opt, cfg), autocast_dtype(cfg, info.device)
+    amp = None if is_sharded(model) else autocast_dtype(cfg, info.device)
+    return wrapped, opt, make_scheduler(opt, cfg), amp
 
 
 def set_threads(cfg: TrainConfig) -> None:
@@ -110,6 +112,8 @@ def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: An
     """Clip, step and zero grads; skip the update when the loss or grad norm is not finite."""
     params = [p for p in model.parameters() if p.requires_grad]
     gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(gnorm, "full_tensor"):  # FSDP2: the norm of sharded grads is a DTensor
+        gnorm = gnorm.full_tensor()
     ok = math.isfinite(loss_value) and bool(torch.isfinite(gnorm))
     if ok:
         opt.step()
@@ -120,22 +124,34 @@ def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: An
 
 def lm_step_fn(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, batches: Iterator,
                loss_fn: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, int]], cfg: TrainConfig,
-               info: DistInfo, amp: torch.dtype | None) -> Callable[[int], dict]:
+               info: DistInfo, amp: torch.dtype | None,
+               targets_fn: Callable[[Any], int] | None = None) -> Callable[[int], dict]:
     """One optimizer step of a loss over `grad_accum` micro-batches (pretrain, SFT, RM, DPO).
 
-    `loss_fn(model, batch) -> (mean loss, tokens)`; DDP gradient sync happens on the last micro-batch.
+    `loss_fn(model, batch) -> (mean loss, tokens)`; the gradient all-reduce (DDP) or reduce-scatter (FSDP2)
+    happens on the last micro-batch only. With `targets_fn(batch) -> number of target tokens`, the loss is
+    the mean over every target token of the global batch (all micro-batches, all ranks: one scalar
+    all-reduce per step), so a step does not depend on how the batch is split over ranks and micro-batches;
+    without it, each micro-batch's mean counts equally (right when every batch has as many targets).
     """
+    from chatforge.core.distributed import all_reduce_sum, grad_sync
 
     def step(_: int) -> dict:
         total, tokens = 0.0, 0
-        for micro in range(cfg.grad_accum):
-            batch = next(batches)
+        micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
+        if targets_fn is not None:
+            counts = [targets_fn(b) for b in micro_batches]
+            world_targets = float(all_reduce_sum(torch.tensor(float(sum(counts))), info))
+            # gradients are averaged over ranks, so each rank's share is scaled by world_size
+            weights = [c * info.world_size / max(1.0, world_targets) for c in counts]
+        else:
+            weights = [1.0 / cfg.grad_accum] * cfg.grad_accum
+        for micro, batch in enumerate(micro_batches):
             sync = micro == cfg.grad_accum - 1 or not info.enabled
-            ctx = contextlib.nullcontext() if sync else model.no_sync()
-            with ctx, autocast(amp, info.device):
+            with grad_sync([model], sync), autocast(amp, info.device):
                 loss, n = loss_fn(model, batch)
-                (loss / cfg.grad_accum).backward()
-            total += float(loss.detach()) / cfg.grad_accum
+                (loss * weights[micro]).backward()
+            total += float(loss.detach()) * weights[micro]
             tokens += n
         ok, gnorm = optimizer_step(model, opt, sched, cfg.grad_clip, total)
         return {"train/loss": total, "train/grad_norm": gnorm, "train/lr": sched.get_last_lr()[0],

@@ -196,6 +196,11 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     return losses * valid, valid
 
 
+def target_count(batch: dict[str, torch.Tensor]) -> int:
+    """Assistant target tokens in a batch (the SFT loss is their mean over the global batch)."""
+    return int((batch["targets"] != IGNORE_INDEX).sum())
+
+
 def sft_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over assistant target tokens; the count returned is all tokens processed
     (what throughput is measured in), not only the assistant targets."""

@@ -43,6 +43,7 @@ from chatforge.core.distributed import (
     broadcast_object,
     cleanup_distributed,
     init_distributed,
+    rank_share,
 )
 from chatforge.core.io import UserError, atomic_write
 from chatforge.core.log import print0, warn
@@ -231,7 +232,7 @@ def run(cfg: DPOConfig, out: Path, resume: bool = True) -> dict:
         model.to(info.device)
         ref_source = attach_reference(model, train_pairs, val_pairs, out, cfg, info, pad)
         # every rank must hold val pairs, or the ranks that do would wait forever in the metric all-reduce
-        my_val = val_pairs[info.rank::info.world_size][: cfg.train.eval_batches * cfg.train.batch_size]
+        my_val = rank_share(val_pairs, info)[: cfg.train.eval_batches * cfg.train.batch_size]
         if len(val_pairs) < info.world_size:
             my_val = []
         val_batches = [collate(my_val[i: i + cfg.train.batch_size], pad, cfg.data.layout, info.device)
@@ -297,8 +298,7 @@ def run(cfg: DPOConfig, out: Path, resume: bool = True) -> dict:
                    "skipped_too_long": st.skipped_too_long + vst.skipped_too_long,
                    "comparisons_without_pairs": st.no_pairs + vst.no_pairs,
                    "reference_logps": ref_source, "skipped_steps": state.skipped_steps}
-        if info.is_main:
-            save_model(model, tok, run_.model_dir)
+        save_model(model, tok, run_.model_dir, info.is_main)  # every rank: FSDP2 gathers
         run_.write_manifest("completed", summary)
         run_.close()
         acc = last_val.get("val/rewards/accuracies")

@@ -32,7 +32,13 @@ from typing import Any
 import torch
 
 from chatforge.config import GRPOConfig, to_dict
-from chatforge.core.distributed import all_reduce_mean, cleanup_distributed, init_distributed, wrap_ddp
+from chatforge.core.distributed import (
+    all_reduce_mean,
+    cleanup_distributed,
+    init_distributed,
+    require_replicated,
+    wrap_ddp,
+)
 from chatforge.core.io import UserError
 from chatforge.core.log import print0
 from chatforge.core.model import count_params, save_model, unwrap
@@ -116,6 +122,7 @@ def run(cfg: GRPOConfig, out: Path, resume: bool = True) -> dict:
 
     check_config(cfg)
     info = init_distributed(cfg.train.device)
+    require_replicated(cfg.train, info, "GRPO")  # bad strategy: an error before any work
     set_threads(cfg.train)
     out = Path(out)
     try:
@@ -223,8 +230,7 @@ def run(cfg: GRPOConfig, out: Path, resume: bool = True) -> dict:
                    "skipped_steps": state.skipped_steps, "prompts": len(prompts), "skipped_too_long": too_long,
                    "guards_fired": dict(guards.fired), "stopped_early": state.step < cfg.train.max_steps,
                    **({"gold_best": gold.best, "gold_best_step": gold.best_step} if gold is not None else {})}
-        if info.is_main:
-            save_model(policy, tok, run_.model_dir)
+        save_model(policy, tok, run_.model_dir, info.is_main)  # every rank: FSDP2 gathers
         run_.write_manifest("completed", summary)
         run_.close()
         print0(f"grpo done: {run_.model_dir}")

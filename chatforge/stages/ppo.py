@@ -64,6 +64,7 @@ from chatforge.core.distributed import (
     all_reduce_mean,
     cleanup_distributed,
     init_distributed,
+    require_replicated,
     wrap_ddp,
 )
 from chatforge.core.io import UserError
@@ -332,6 +333,7 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
 
     check_config(cfg)
     info = init_distributed(cfg.train.device)
+    require_replicated(cfg.train, info, "PPO")  # bad strategy: an error before any work
     set_threads(cfg.train)
     out = Path(out)
     try:
@@ -519,8 +521,7 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
                    "kl_coef": kl_ctl.value, "guards_fired": dict(guards.fired),
                    "stopped_early": state.step < cfg.train.max_steps,
                    **({"gold_best": gold.best, "gold_best_step": gold.best_step} if gold is not None else {})}
-        if info.is_main:
-            save_model(policy, tok, run_.model_dir)
+        save_model(policy, tok, run_.model_dir, info.is_main)  # every rank: FSDP2 gathers
         run_.write_manifest("completed", summary)
         run_.close()
         print0(f"ppo done: {run_.model_dir}")

@@ -63,9 +63,10 @@ def config_fingerprint(model: Any, cfg: PretrainConfig, world_size: int, n_windo
     return {
         "model_config": hashlib.sha1(arch.encode()).hexdigest()[:12],
         "seq_len": cfg.train.seq_len,
-        "batch_size": cfg.train.batch_size,
+        # the global batch, not its split over ranks: a checkpoint resumes on another world size with the same
+        # global batch (FSDP2 checkpoints reshard; the data cursor counts global windows)
+        "global_batch": cfg.train.batch_size * world_size,
         "grad_accum": cfg.train.grad_accum,
-        "world_size": world_size,
         "train_windows": n_windows,
         "seed": cfg.train.seed,
     }
@@ -143,8 +144,7 @@ def run(cfg: PretrainConfig, out: Path, resume: bool = True) -> dict:
         summary = {"steps": state.step, "tokens": state.tokens, "params": n_params,
                    "final_loss": state.ema_loss, "best_val_loss": state.best_val,
                    "skipped_steps": state.skipped_steps, "train_seconds": round(state.elapsed, 1)}
-        if info.is_main:
-            save_model(model, tok, run_.model_dir)
+        save_model(model, tok, run_.model_dir, info.is_main)  # every rank: FSDP2 gathers
         run_.write_manifest("completed", summary, extra={"data_dir": str(data_dir)})
         run_.close()
         print0(f"pretrain done: {run_.model_dir} ({state.step} steps, {state.tokens:,} tokens)")

@@ -35,10 +35,11 @@ from chatforge.core.distributed import (
     all_reduce_sum,
     cleanup_distributed,
     init_distributed,
+    rank_share,
 )
-from chatforge.core.io import UserError, atomic_dir
+from chatforge.core.io import UserError
 from chatforge.core.log import print0, warn
-from chatforge.core.model import apply_lora, count_params, merged, resolve_model_path, unwrap
+from chatforge.core.model import apply_lora, count_params, resolve_model_path, save_model, unwrap
 from chatforge.core.reward_model import REWARD_NORM_FILE, RewardNorm  # noqa: F401  (re-exported)
 from chatforge.core.run import Run, parent_run_id
 from chatforge.core.tokenizer import PAD, load_tokenizer, stop_token_ids
@@ -116,12 +117,10 @@ def init_reward_model(spec: str, seed: int) -> tuple[Any, Any, Path]:
     return model, tok, path
 
 
-def save_reward_model(model: Any, tok: Any, norm: RewardNorm, out_dir: Path) -> None:
-    """save_pretrained + tokenizer + reward_norm.json, swapped into place as one directory."""
-    with atomic_dir(out_dir) as tmp:
-        merged(model).save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / REWARD_NORM_FILE).write_text(json.dumps(asdict(norm), indent=2) + "\n", encoding="utf-8")
+def save_reward_model(model: Any, tok: Any, norm: RewardNorm, out_dir: Path, is_main: bool = True) -> None:
+    """save_pretrained + tokenizer + reward_norm.json, swapped into place as one directory (every rank
+    calls it: an FSDP2 model is gathered first)."""
+    save_model(model, tok, out_dir, is_main, extra={REWARD_NORM_FILE: json.dumps(asdict(norm), indent=2) + "\n"})
 
 
 def normalisation_sample(items: list, k: int, seed: int) -> list:
@@ -149,7 +148,7 @@ def fit_normalisation(model: Any, examples: list[RMExample], pad_id: int, cfg: R
     seqs = normalisation_sample(seqs, cfg.norm.max_replies, cfg.train.seed)
     bare = unwrap(model)
     bare.eval()
-    raw = score_sequences(bare, seqs[info.rank::info.world_size], pad_id, cfg.train.batch_size * 4, info.device)
+    raw = score_sequences(bare, rank_share(seqs, info), pad_id, cfg.train.batch_size * 4, info.device)
     bare.train()
     t = torch.tensor([sum(raw), sum(r * r for r in raw), len(raw)], dtype=torch.float64, device=info.device)
     t = all_reduce_sum(t, info)
@@ -214,7 +213,7 @@ def run(cfg: RMConfig, out: Path, resume: bool = True) -> dict:
         pad = tok.pad_token_id
         loader = ComparisonLoader(train_ex, cfg.train.batch_size, pad, cfg.train.seed, info.rank, info.world_size,
                                   info.device, flat)
-        my_val = val_ex[info.rank::info.world_size][: cfg.train.eval_batches * cfg.train.batch_size]
+        my_val = rank_share(val_ex, info)[: cfg.train.eval_batches * cfg.train.batch_size]
         val_batches = [collate_comparisons(my_val[i: i + cfg.train.batch_size], pad, info.device)
                        for i in range(0, len(my_val), cfg.train.batch_size)]
         has_val = bool(val_ex)  # the same on every rank: ranks without a val batch still join the reduce
@@ -290,8 +289,7 @@ def run(cfg: RMConfig, out: Path, resume: bool = True) -> dict:
                    "skipped_comparisons": st.skipped_comparisons + vst.skipped_comparisons,
                    "skipped_steps": state.skipped_steps, "reward_norm": asdict(norm),
                    "val_labeler_agreement": val_agreement}
-        if info.is_main:
-            save_reward_model(model, tok, norm, run_.model_dir)
+        save_reward_model(model, tok, norm, run_.model_dir, info.is_main)
         run_.write_manifest("completed", summary)
         run_.close()
         print0(f"rm done: {run_.model_dir}" + (f" (val accuracy {last_val['val/accuracy']:.3f}" if last_val else "")

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from chatforge.config import SFTConfig, to_dict
-from chatforge.core.distributed import cleanup_distributed, init_distributed
+from chatforge.core.distributed import cleanup_distributed, init_distributed, rank_share
 from chatforge.core.io import UserError
 from chatforge.core.log import print0, warn
 from chatforge.core.model import apply_lora, count_params, load_model_and_tokenizer, save_model
@@ -35,6 +35,7 @@ from chatforge.data.sft_data import (
     render_examples,
     sft_loss,
     split_train_val,
+    target_count,
     token_losses,
 )
 
@@ -72,7 +73,7 @@ def run(cfg: SFTConfig, out: Path, resume: bool = True) -> dict:
                f"rows of <= {cfg.train.seq_len} tokens, {st.target_tokens:,} assistant tokens")
         loader = RowLoader(train_rows, cfg.train.batch_size, tok.pad_token_id, cfg.train.seed, info.rank,
                            info.world_size, info.device)
-        my_val = val_rows[info.rank::info.world_size]
+        my_val = rank_share(val_rows, info)
         val_batches = [collate(my_val[i: i + cfg.train.batch_size], tok.pad_token_id, info.device)
                        for i in range(0, min(len(my_val), cfg.train.eval_batches * cfg.train.batch_size),
                                       cfg.train.batch_size)]
@@ -101,7 +102,7 @@ def run(cfg: SFTConfig, out: Path, resume: bool = True) -> dict:
                        "world_size": info.world_size, "lora": cfg.lora.enabled}
         state = train_loop(
             run_, cfg.train,
-            step_fn=lm_step_fn(ddp_model, opt, sched, loader, sft_loss, cfg.train, info, amp),
+            step_fn=lm_step_fn(ddp_model, opt, sched, loader, sft_loss, cfg.train, info, amp, target_count),
             modules={"model": model}, stateful={"optimizer": opt, "scheduler": sched, "data": loader},
             fingerprint=fingerprint, eval_fn=eval_fn if val_batches else None, resume=resume,
         )
@@ -109,8 +110,7 @@ def run(cfg: SFTConfig, out: Path, resume: bool = True) -> dict:
                    "best_val_loss": state.best_val, "train_conversations": len(train_convs),
                    "val_conversations": len(val_convs), "truncated": st.truncated,
                    "skipped_too_long": st.skipped_too_long, "skipped_steps": state.skipped_steps}
-        if info.is_main:
-            save_model(model, tok, run_.model_dir)
+        save_model(model, tok, run_.model_dir, info.is_main)  # every rank: FSDP2 gathers
         run_.write_manifest("completed", summary)
         run_.close()
         print0(f"sft done: {run_.model_dir}")

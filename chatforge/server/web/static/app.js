@@ -1,5 +1,6 @@
 // Keyboard ranking: on the page (outside text fields) a letter appends that reply to the ranking,
-// "=" ties the next one with the last, Backspace removes the last. The text field stays the truth.
+// "=" ties the next one with the last, Backspace removes the last, Enter submits once every reply is
+// placed. The text field stays the truth.
 "use strict";
 (function () {
   const input = document.getElementById("ranking");
@@ -13,7 +14,10 @@
     return input.value.split(",").map(g => g.split("=").map(s => s.trim().toUpperCase()).filter(Boolean))
       .filter(g => g.length);
   }
-  function write(gs) { input.value = gs.map(g => g.join("=")).join(", "); render(); }
+  function write(gs) {
+    input.value = gs.map(g => g.join("=")).join(", ");
+    input.dispatchEvent(new Event("input", {bubbles: true}));  // renders, and the autosave sees it
+  }
   function render() {
     const gs = groups();
     const used = new Set(gs.flat());
@@ -24,7 +28,7 @@
   }
   document.addEventListener("keydown", e => {
     const t = e.target;
-    if (t.matches("input, textarea, select") || e.ctrlKey || e.metaKey || e.altKey) return;
+    if (t.matches("input, textarea, select, button, a, summary") || e.ctrlKey || e.metaKey || e.altKey) return;
     const k = e.key.toUpperCase();
     const gs = groups();
     if (letters.includes(k) && !gs.flat().includes(k)) {
@@ -38,6 +42,9 @@
     } else if (e.key === "Backspace" && gs.length) {
       gs[gs.length - 1].pop();
       write(gs.filter(g => g.length));
+      e.preventDefault();
+    } else if (e.key === "Enter" && gs.flat().length === letters.length) {
+      input.form.requestSubmit(input.form.querySelector('button[value="submit"]'));
       e.preventDefault();
     }
   });
