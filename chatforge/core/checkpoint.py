@@ -111,21 +111,21 @@ def load_checkpoint(
     if diff:
         details = ", ".join(f"{k}: checkpoint={theirs.get(k)!r} now={fingerprint.get(k)!r}" for k in diff)
         raise UserError(f"checkpoint {path} was made with another config ({details}); use a new --out or --no-resume")
+    dcp_optims = meta.get("optimizers", {}) if meta.get("format") == "dcp" else {}
     if meta.get("format") == "dcp":
-        _load_dcp(path, modules, stateful, meta)
+        _load_dcp(path, modules, stateful, meta)  # weights and optimizer states, resharded
     elif any(is_sharded(m) for m in modules.values()):
         raise UserError(f"checkpoint {path} was written without FSDP2 (train.strategy single or ddp); resume it with "
                         "that strategy, or start a new --out")
-    for name, module in modules.items():
-        if meta.get("format") == "dcp":
-            break
-        f = path / f"{name}.safetensors"
-        if not f.exists():
-            raise UserError(f"checkpoint {path} has no weights for '{name}'")
-        load_model(module, str(f))
+    else:
+        for name, module in modules.items():
+            f = path / f"{name}.safetensors"
+            if not f.exists():
+                raise UserError(f"checkpoint {path} has no weights for '{name}'")
+            load_model(module, str(f))
     state = torch.load(path / "state.pt", weights_only=False)
     for k, obj in stateful.items():
-        if meta.get("format") == "dcp" and k in meta.get("optimizers", {}):
+        if k in dcp_optims:
             continue
         if k not in state:
             raise UserError(f"checkpoint {path} has no state for '{k}'")
@@ -159,8 +159,6 @@ def _dcp_state(modules: dict[str, torch.nn.Module], optims: dict[str, tuple[str,
 
 def _save_dcp(ckpt_root: Path, step: int, modules: dict[str, torch.nn.Module], stateful: dict[str, Any], meta: dict,
               info: DistInfo, keep: int, rngs: list[Any]) -> Path:
-    import os
-
     import torch.distributed.checkpoint as dcp
 
     final, tmp = ckpt_root / f"step-{step}", ckpt_root / f".step-{step}.tmp"
@@ -180,7 +178,7 @@ def _save_dcp(ckpt_root: Path, step: int, modules: dict[str, torch.nn.Module], s
                                                   indent=2), encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)  # the commit: the step dir appears complete or not at all
+        tmp.replace(final)  # the commit: the step dir appears complete or not at all
         for _, old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()

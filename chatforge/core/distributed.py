@@ -159,8 +159,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return []
 
 
-def fsdp2_shard(model: torch.nn.Module, cfg: Any, info: DistInfo, reshard_after_forward: bool = True
-                ) -> torch.nn.Module:
+def fsdp2_shard(model: torch.nn.Module, cfg: Any, info: DistInfo) -> torch.nn.Module:
     """`fully_shard` each decoder layer, then the root (torchtune's shard_model), in place.
 
     Mixed precision: with dtype=bfloat16 (or auto on a bf16 GPU) params are cast to bf16 for compute,
@@ -170,7 +169,9 @@ def fsdp2_shard(model: torch.nn.Module, cfg: Any, info: DistInfo, reshard_after_
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(info.device.type, (info.world_size,))
-    kw: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    # explicit True: torch's default (None) leaves the root unsharded after forward, so the optimizer's
+    # DTensor params would no longer be the module's parameters when a checkpoint is written
+    kw: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": True}
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and info.device.type == "cuda"
                                        and torch.cuda.is_bf16_supported())
     if bf16:

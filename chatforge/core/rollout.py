@@ -16,7 +16,6 @@ The pieces PPO and GRPO share, so neither stage copies the other:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 from collections.abc import Iterator
@@ -283,16 +282,6 @@ def minibatches(n_rows: int, size: int, epochs: int, seed: int) -> Iterator[torc
         perm = torch.randperm(n_rows, generator=g)
         for i in range(0, n_rows, size):
             yield perm[i: i + size]
-
-
-def no_sync(modules: list[Any], sync: bool) -> contextlib.AbstractContextManager:
-    """DDP: skip the gradient all-reduce on all but the last micro-batch of an optimizer step."""
-    stack = contextlib.ExitStack()
-    if not sync:
-        for m in modules:
-            if hasattr(m, "no_sync"):
-                stack.enter_context(m.no_sync())
-    return stack
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:

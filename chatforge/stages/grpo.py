@@ -35,6 +35,7 @@ from chatforge.config import GRPOConfig, to_dict
 from chatforge.core.distributed import (
     all_reduce_mean,
     cleanup_distributed,
+    grad_sync,
     init_distributed,
     require_replicated,
     wrap_ddp,
@@ -56,7 +57,6 @@ from chatforge.core.rollout import (
     load_reference,
     minibatches,
     model_inputs,
-    no_sync,
     prepare_prompts,
     reference_logprobs,
     response_forward,
@@ -179,7 +179,7 @@ def run(cfg: GRPOConfig, out: Path, resume: bool = True) -> dict:
                                        rollout_seed(cfg.train.seed, step, info.rank, -1)):
                 total = 0.0
                 for j, m in enumerate(mb_rows.chunk(n_micro)):
-                    with no_sync([ddp_policy], j == n_micro - 1), autocast(amp, info.device):
+                    with grad_sync([ddp_policy], j == n_micro - 1), autocast(amp, info.device):
                         loss, st = grpo_loss(ddp_policy, tuple(x[m] for x in rows), old_logprobs[m],
                                              ref_logprobs[m] if ref_logprobs is not None else None, advantages[m], cfg)
                         (loss / n_micro).backward()

@@ -63,6 +63,7 @@ from chatforge.core.distributed import (
     DistInfo,
     all_reduce_mean,
     cleanup_distributed,
+    grad_sync,
     init_distributed,
     require_replicated,
     wrap_ddp,
@@ -101,7 +102,6 @@ from chatforge.core.rollout import (
     load_reference,
     minibatches,
     model_inputs,
-    no_sync,
     prepare_prompts,
     reference_logprobs,
     response_forward,
@@ -442,7 +442,7 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
                                                     rollout_seed(cfg.train.seed, step, info.rank, -1))):
                 total = 0.0
                 for j, m in enumerate(mb_rows.chunk(n_micro)):
-                    with no_sync([ddp_policy, ddp_critic], j == n_micro - 1), autocast(amp, info.device):
+                    with grad_sync([ddp_policy, ddp_critic], j == n_micro - 1), autocast(amp, info.device):
                         loss, st = ppo_loss(ddp_policy, ddp_critic, traj.select(m), advantages[m], returns[m], cfg,
                                             next(ptx) if ptx is not None and not warmup else None,
                                             ptx_model=policy, update_policy=not warmup)
