@@ -79,11 +79,23 @@ def test_demo_from_a_pretrained_chat_model_quick(tiny_tokenizer, tiny_model_fact
         man = json.loads((tmp_path / "out" / stage / "manifest.json").read_text())
         assert man["status"] == "completed" and man["config"]["lora"]["enabled"] is lora, stage
     policy = json.loads((tmp_path / "out" / "loop/round-1/policy/manifest.json").read_text())
-    assert policy["config"]["critic"]["shared"] is True
+    # the --base recipe: RLOO with K samples per prompt and the gold validation monitor keeping best_gold/
+    assert policy["config"]["ppo"]["baseline"] == "rloo" and policy["config"]["ppo"]["samples_per_prompt"] == 2
+    assert policy["config"]["gold"]["spec"] == "rule"
     ev = json.loads((tmp_path / "out" / "loop/round-1/eval.json").read_text())
+    best = tmp_path / "out" / "loop/round-1/policy/best_gold"
+    assert (best / "config.json").exists() and ev["policy"] == str(best)
     for key in ("vs_sft", "vs_baseline", "sft_vs_baseline"):
-        assert ev[key]["win_rate"]["n"] > 0
-    assert ev["vs_baseline"]["baseline"] == str(base)
+        assert ev[key]["win_rate"]["n"] > 0 and ev[key]["gold"]["judge"] == "rule"
+        assert ev[key]["gold"]["greedy"]["n"] == ev[key]["win_rate"]["n"]
+    assert ev["vs_baseline"]["baseline"] == str(base) and ev["vs_sft"]["model"] == str(best)
+    # the eval set leaves out the gold validation prompts that chose the checkpoint
+    from chatforge.data.tasks import normalize_prompt, prompt_text
+    from chatforge.stages.sample import load_prompts
+
+    val = {normalize_prompt(prompt_text(p)) for p in load_prompts("tasks-heldout:1:977")}
+    test = [normalize_prompt(prompt_text(p)) for p in load_prompts("tasks-heldout:1:1")]
+    assert ev["vs_sft"]["win_rate"]["n"] == len([t for t in test if t not in val])
 
 
 def test_loop_round_with_best_of_n_distillation(demo_dir, tmp_path):
@@ -104,3 +116,25 @@ def test_loop_round_with_best_of_n_distillation(demo_dir, tmp_path):
     assert json.loads((pol / "manifest.json").read_text())["stage"] == "bon"
     picks = [json.loads(x) for x in (pol / "round-1" / "picks.jsonl").read_text().splitlines()]
     assert len(picks) == 4 and all(p["meta"]["reward"] == str(out / "round-2" / "rm") for p in picks)
+
+
+def test_compare_models_sampled_replies_use_paired_seeds(tiny_tokenizer, tiny_model_factory, tmp_path):
+    """A model against a copy of itself: paired seeds give identical samples, so every sampled pair ties
+    (0.5 with a zero-width interval) under both the gold and the panel; unpaired draws would not."""
+    import shutil
+
+    from helpers import save_tiny_model
+
+    from chatforge.stages.loop import compare_models
+    from chatforge.stages.sample import load_prompts
+
+    a = save_tiny_model(tmp_path / "a", tiny_tokenizer, tiny_model_factory)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    prompts = load_prompts("tasks-heldout:1:3")
+    res = compare_models(str(a), str(b), prompts, "panel:rule*3:temperature=0.5", max_new_tokens=6, gold="rule",
+                         samples=2, temperature=1.0)
+    for sampled in (res["gold"]["sampled"], res["panel_sampled"]):
+        assert sampled["win_rate"] == 0.5 and sampled["ci_bootstrap"] == [0.5, 0.5]
+        assert sampled["n_prompts"] == len(prompts) and sampled["paired_seeds"] == [0, 1]
+    assert res["gold"]["greedy"]["ties"] == len(prompts)

@@ -53,6 +53,9 @@ class DemoSizes:
     kl_coef: float = 0.05
     lora: bool = False
     """LoRA for SFT, RM and PPO (policy; the value head sits on the policy's trunk), as for a real base model."""
+    rl: tuple[str, ...] = ()
+    """Extra --set overrides for the RL stage (e.g. RLOO with the gold validation checkpoint)."""
+    report_bias: bool = True
 
 
 FULL = DemoSizes(depth=4, pretrain_steps=200, sft_steps=500, demos_per_family=400, eval_per_family=25,
@@ -61,10 +64,14 @@ QUICK = DemoSizes(depth=1, pretrain_steps=20, sft_steps=30, demos_per_family=20,
                   sample_prompts_per_family=2, k=2, seq_len=64, batch_size=8, rm_steps=4, ppo_steps=2,
                   ppo_batch=4, ppo_prompts_per_family=1, reply_tokens=8)
 # SmolLM2-135M-Instruct on 2 CPU cores: sized to finish in well under an hour (BENCHMARKS.md has the run)
+# RL = RLOO (K 4 samples per prompt, leave-one-out baseline, no critic) on normalised RM scores, with the gold
+# validation monitor keeping the best-gold checkpoint: the recipe that beat SFT in BENCHMARKS.md (session 6)
+RLOO_GOLD = ("ppo.samples_per_prompt=4", "ppo.baseline=rloo", "ppo.normalise_scores=true", "gold.spec=rule",
+             "gold.every=8")
 BASE = DemoSizes(depth=0, pretrain_steps=0, sft_steps=40, demos_per_family=40, eval_per_family=25,
                  sample_prompts_per_family=40, k=4, seq_len=256, batch_size=8, rounds=1, rm_steps=60,
-                 ppo_steps=40, ppo_batch=16, ppo_prompts_per_family=16, ppo_lr=2e-4, reply_tokens=32,
-                 human_demos=32, sft_lr=5e-4, rm_lr=1e-3, rm_warmup=4, lora=True)
+                 ppo_steps=64, ppo_batch=16, ppo_prompts_per_family=16, ppo_lr=1e-4, reply_tokens=32,
+                 human_demos=32, sft_lr=5e-4, rm_lr=1e-3, rm_warmup=4, lora=True, rl=RLOO_GOLD, report_bias=False)
 # with a GPU the same recipe gets the budget RL needs (thousands of PPO episodes, a better-fed RM)
 BASE_GPU = replace(BASE, sft_steps=200, demos_per_family=200, human_demos=95, sample_prompts_per_family=200,
                    rm_steps=400, ppo_steps=300, ppo_batch=64, ppo_prompts_per_family=200, ppo_lr=5e-5,
@@ -72,7 +79,9 @@ BASE_GPU = replace(BASE, sft_steps=200, demos_per_family=200, human_demos=95, sa
 BASE_QUICK = DemoSizes(depth=0, pretrain_steps=0, sft_steps=6, demos_per_family=4, eval_per_family=1,
                        sample_prompts_per_family=2, k=2, rm_batch=2, seq_len=128, batch_size=4, rounds=1, rm_steps=2,
                        ppo_steps=2, ppo_batch=4, ppo_prompts_per_family=1, reply_tokens=8, human_demos=2,
-                       sft_lr=1e-3, lora=True)
+                       sft_lr=1e-3, lora=True, rl=("ppo.samples_per_prompt=2", "ppo.baseline=rloo",
+                                                   "ppo.normalise_scores=true", "gold.spec=rule", "gold.every=1",
+                                                   "gold.prompts=tasks-heldout:1:977"))
 
 
 def _done(run_dir: Path) -> bool:
@@ -155,7 +164,11 @@ def run(out: Path, quick: bool = False, base: str | None = None) -> dict:
     lcfg = load_config(LoopConfig, None, [
         f"rounds={sizes.rounds}", f"prompts=tasks:{sizes.sample_prompts_per_family}", f"k={sizes.k}",
         f"sample_max_new_tokens={sizes.reply_tokens}", f"eval_max_new_tokens={sizes.reply_tokens}",
-        f"eval_prompts=tasks-heldout:{sizes.eval_per_family}:1", f"algo_prompts=tasks:{sizes.ppo_prompts_per_family}"])
+        f"eval_prompts=tasks-heldout:{sizes.eval_per_family}:1", f"algo_prompts=tasks:{sizes.ppo_prompts_per_family}",
+        f"report_bias={str(sizes.report_bias).lower()}", f"eval_samples={0 if quick else 2}"])
+    gold_prompts = next((x.split("=", 1)[1] for x in sizes.rl if x.startswith("gold.prompts=")),
+                        "tasks-heldout:4:977" if any(x.startswith("gold.spec=") for x in sizes.rl) else None)
+    lcfg.eval_exclude = gold_prompts
     lcfg.sft, lcfg.out = str(sft_dir), str(out / "loop")
     lcfg.baseline = start if base else None
     lcfg.rm_set = [f"train.max_steps={sizes.rm_steps}", f"train.batch_size={sizes.rm_batch}", f"train.seq_len={sizes.seq_len}",
@@ -163,48 +176,63 @@ def run(out: Path, quick: bool = False, base: str | None = None) -> dict:
                    f"train.warmup_steps={sizes.rm_warmup}", *lora,
                    # a real model costs ~100x more per token: train on each task's panel consensus once
                    *(["data.aggregate=bradley_terry"] if base else [])]
+    rloo = "ppo.baseline=rloo" in sizes.rl
     lcfg.algo_set = [f"train.max_steps={sizes.ppo_steps}", f"train.batch_size={sizes.ppo_batch}",
                      f"train.checkpoint_every={sizes.ppo_steps}", f"train.lr={sizes.ppo_lr}",
-                     f"rollout.max_new_tokens={sizes.reply_tokens}", "ppo.epochs=2",
-                     f"ppo.minibatch_size={max(2, sizes.ppo_batch // 2)}", f"ppo.kl_coef={sizes.kl_coef}", *lora,
-                     *(["critic.shared=true", "critic.lr=1e-3"] if sizes.lora else [])]
+                     f"rollout.max_new_tokens={sizes.reply_tokens}", f"ppo.kl_coef={sizes.kl_coef}", *lora,
+                     *([f"ppo.minibatch_size={min(8, sizes.ppo_batch)}"] if rloo else
+                       ["ppo.epochs=2", f"ppo.minibatch_size={max(2, sizes.ppo_batch // 2)}"]),
+                     *(["critic.shared=true", "critic.lr=1e-3"] if sizes.lora and not rloo else []), *sizes.rl]
     loop_summary = run_loop(lcfg)
     timings["rlhf_rounds"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
 
-    _stage("5/5 results: SFT vs each round on held-out prompts (simulated panel as judge)")
+    _stage("5/5 results: SFT vs each round on held-out prompts")
     from rich.table import Table
 
-    def ci(wr: dict) -> str:
-        return f"{wr['win_rate']:.2f} ({wr['ci_wilson'][0]:.2f}-{wr['ci_wilson'][1]:.2f})"
+    def ci(wr: dict | None) -> str:
+        if not wr:
+            return "-"
+        lo, hi = wr.get("ci_wilson") or wr["ci_bootstrap"]
+        return f"{wr['win_rate']:.3f} ({lo:.3f}-{hi:.3f})"
 
-    table = Table(title="held-out task-suite prompts, greedy replies")
-    cols = ["model", "task accuracy", "win rate vs SFT (95% CI)", "KL to SFT"] + (
-        [f"win rate vs {Path(base).name} (95% CI)"] if base else [])
+    def gold(v: dict, decoding: str) -> dict | None:
+        return v.get("gold", {}).get(decoding)
+
+    table = Table(title="held-out task-suite prompts: gold = the panel's utility without noise (primary), "
+                        "panel = the noisy labelers the RM learned from")
+    cols = ["model", "task accuracy (greedy)", "gold win vs SFT, sampled (95% CI)", "gold win vs SFT, greedy",
+            "panel win vs SFT, greedy", "KL to SFT"] + ([f"gold win vs {Path(base).name}, sampled"] if base else [])
     for col in cols:
         table.add_column(col, justify="right" if col != "model" else "left")
     first = loop_summary["rounds"][0]
     rows = []
     if base:
         vb = first["sft_vs_baseline"]
-        table.add_row(f"{Path(base).name} (untouched)", f"{vb['accuracy_baseline']['all']['accuracy']:.3f}", "-", "-", "-")
+        table.add_row(f"{Path(base).name} (untouched)", f"{vb['accuracy_baseline']['all']['accuracy']:.3f}",
+                      "-", "-", "-", "-", "-")
         rows.append({"model": base, "accuracy": vb["accuracy_baseline"]["all"]["accuracy"]})
-    sft_row = ["SFT", f"{first['vs_sft']['accuracy_baseline']['all']['accuracy']:.3f}", "-", "0"]
-    table.add_row(*sft_row, *([ci(first["sft_vs_baseline"]["win_rate"])] if base else []))
+    vb = first.get("sft_vs_baseline", {})
+    table.add_row("SFT", f"{first['vs_sft']['accuracy_baseline']['all']['accuracy']:.3f}", "-", "-", "-", "0",
+                  *([ci(gold(vb, "sampled") or vb["win_rate"])] if base else []))
     rows.append({"model": "sft", "accuracy": first["vs_sft"]["accuracy_baseline"]["all"]["accuracy"],
-                 **({"win_rate_vs_base": first["sft_vs_baseline"]["win_rate"]["win_rate"],
-                     "ci_vs_base": first["sft_vs_baseline"]["win_rate"]["ci_wilson"]} if base else {})})
+                 **({"vs_base": vb} if base else {})})
     for res in loop_summary["rounds"]:
         v = res["vs_sft"]
-        wr = v["win_rate"]
         kl = res["policy_metrics"].get("final_kl", res["policy_metrics"].get("objective/kl"))
-        table.add_row(f"round {res['round']}", f"{v['accuracy_model']['all']['accuracy']:.3f}", ci(wr),
-                      "-" if kl is None else f"{kl:.2f}", *([ci(res["vs_baseline"]["win_rate"])] if base else []))
-        rows.append({"model": f"round-{res['round']}", "accuracy": v["accuracy_model"]["all"]["accuracy"],
-                     "win_rate_vs_sft": wr["win_rate"], "ci": wr["ci_wilson"], "kl": kl,
-                     **({"win_rate_vs_base": res["vs_baseline"]["win_rate"]["win_rate"],
-                         "ci_vs_base": res["vs_baseline"]["win_rate"]["ci_wilson"]} if base else {})})
+        table.add_row(f"round {res['round']}" + (" (best-gold ckpt)" if str(res.get("policy", "")).endswith(
+                          "best_gold") else ""), f"{v['accuracy_model']['all']['accuracy']:.3f}",
+                      ci(gold(v, "sampled")), ci(gold(v, "greedy")), ci(v["win_rate"]),
+                      "-" if kl is None else f"{kl:.2f}",
+                      *([ci(gold(res["vs_baseline"], "sampled") or res["vs_baseline"]["win_rate"])] if base else []))
+        rows.append({"model": f"round-{res['round']}", "policy": res.get("policy"),
+                     "accuracy": v["accuracy_model"]["all"]["accuracy"], "gold_sampled": gold(v, "sampled"),
+                     "gold_greedy": gold(v, "greedy"), "win_rate_vs_sft": v["win_rate"]["win_rate"],
+                     "ci": v["win_rate"]["ci_wilson"], "kl": kl, **({"vs_base": res["vs_baseline"]} if base else {})})
     console.print(table)
+    curves = sorted((out / "loop").glob("round-*/report/curves-*-ppo.png"))
+    if curves:
+        console.print("gold and proxy against sqrt(KL) (over-optimisation): " + ", ".join(map(str, curves)))
     pretrained = start if base else str(Path(start) / "model")
     summary = {"out": str(out), "quick": quick, "base": base,
                "timings_s": {k: round(v, 1) for k, v in timings.items()}, "table": rows, "artifacts": {

@@ -96,8 +96,18 @@ class LoopConfig:
     algo_prompts: str = "tasks:16"
     """Prompts for PPO/GRPO rollouts (tasks:N uses 100 + round as the draw seed)."""
     eval_prompts: str = "tasks-heldout:10:1"
+    eval_exclude: str | None = None
+    """Prompts dropped from the eval set: the RL runs' gold validation prompts (gold.prompts), so the checkpoint
+    kept for its validation gold is not judged on the prompts that chose it."""
     judge: str = "panel:rule*5:temperature=0.5"
     eval_max_new_tokens: int = 32
+    gold: str | None = "rule"
+    """The noise-free gold judge (the panel's utility without its sampling noise): the primary measure beside the
+    panel `judge`; none = panel only."""
+    eval_samples: int = 2
+    """Sampled replies per eval prompt (paired seeds 0..S-1) beside the greedy one; 0 = greedy only."""
+    eval_temperature: float = 1.0
+    """Temperature of those samples (the rollouts' by default: the decoding RL trained)."""
     report: bool = True
     """Write each round's full `chatforge eval` report (round-N/report/), linked to the previous one."""
     report_bias: bool = True
@@ -210,31 +220,62 @@ def judged_outcomes(prompts: list[dict], replies_m: list[str], replies_b: list[s
 
 
 def compare_models(model_m: str, model_b: str, prompts: list[dict], judge: str, max_new_tokens: int = 32,
-                   cache: dict | None = None, temperature: float = 0.0) -> dict:
-    """Held-out task accuracy of both, and M's win rate over B judged by `judge` (95 % intervals).
+                   cache: dict | None = None, gold: str | None = None, samples: int = 0,
+                   temperature: float = 1.0) -> dict:
+    """Held-out task accuracy of both, and M's win rate over B (ties count half), with 95 % intervals.
 
-    Greedy by default; with `temperature` > 0 both models sample with the same per-prompt seeds."""
+    `win_rate`: greedy replies judged by `judge` (the noisy panel, Wilson and bootstrap intervals). With `gold`
+    (a noise-free judge such as `rule`): `gold.greedy`, and with `samples` S > 0 also `gold.sampled` and
+    `panel_sampled`: S replies per prompt at `temperature`, sample s drawn with seed s by both models (paired),
+    each prompt's mean outcome over its S pairs, bootstrap over prompts."""
+    import numpy as np
+
     from chatforge.core.model import load_model_and_tokenizer
-    from chatforge.evals.stats import length_controlled_win_rate, win_rate
+    from chatforge.evals.stats import bootstrap_ci, length_controlled_win_rate, win_rate
     from chatforge.stages.evaluate import generate_replies, task_accuracy
 
     cache = {} if cache is None else cache
-    replies = {}
+    draws = [("greedy", 0.0, 0)] + [(f"T{temperature}-s{s}", temperature, s) for s in range(samples)]
     for spec in (model_m, model_b):
-        if spec not in cache:
+        missing = [d for d in draws if (spec, d[0]) not in cache]
+        if missing:
             model, tok, _ = load_model_and_tokenizer(spec)
             model.eval()
-            cache[spec] = generate_replies(model, tok, prompts, max_new_tokens=max_new_tokens,
-                                           temperature=temperature)[0]
-        replies[spec] = cache[spec]
-    outcomes = judged_outcomes(prompts, replies[model_m], replies[model_b], judge)
-    wr = win_rate(outcomes)
-    lens_m = [len(x.split()) for x in replies[model_m]]
-    lens_b = [len(x.split()) for x in replies[model_b]]
-    return {"model": model_m, "baseline": model_b, "judge": judge, "temperature": temperature, "win_rate": wr,
-            "length_controlled": length_controlled_win_rate(outcomes, lens_m, lens_b),
-            "accuracy_model": task_accuracy(prompts, replies[model_m]),
-            "accuracy_baseline": task_accuracy(prompts, replies[model_b])}
+            for key, temp, seed in missing:
+                cache[(spec, key)] = generate_replies(model, tok, prompts, max_new_tokens=max_new_tokens,
+                                                      temperature=temp, seed=seed)[0]
+    greedy_m, greedy_b = cache[(model_m, "greedy")], cache[(model_b, "greedy")]
+    outcomes = judged_outcomes(prompts, greedy_m, greedy_b, judge)
+    res: dict = {"model": model_m, "baseline": model_b, "judge": judge, "decoding": "greedy",
+                 "win_rate": win_rate(outcomes),
+                 "length_controlled": length_controlled_win_rate(outcomes, [len(x.split()) for x in greedy_m],
+                                                                 [len(x.split()) for x in greedy_b]),
+                 "accuracy_model": task_accuracy(prompts, greedy_m),
+                 "accuracy_baseline": task_accuracy(prompts, greedy_b)}
+
+    def sampled(judge_spec: str) -> dict:
+        per = [judged_outcomes(prompts, cache[(model_m, k)], cache[(model_b, k)], judge_spec) for k, _, _ in draws[1:]]
+        y = np.mean(np.array(per), axis=0)
+        lo, hi = bootstrap_ci(y, np.mean)
+        return {"win_rate": float(y.mean()), "ci_bootstrap": [float(lo), float(hi)], "n_prompts": len(y),
+                "samples": samples, "temperature": temperature, "paired_seeds": list(range(samples))}
+
+    if samples:
+        res["panel_sampled"] = sampled(judge)
+        acc = [task_accuracy(prompts, cache[(m, k)])["all"]["accuracy"] for m in (model_m, model_b)
+               for k, _, _ in draws[1:]]
+        res["sampled_accuracy"] = {"model": float(np.mean(acc[:samples])), "baseline": float(np.mean(acc[samples:]))}
+    if gold:
+        res["gold"] = {"judge": gold, "greedy": win_rate(judged_outcomes(prompts, greedy_m, greedy_b, gold)),
+                       **({"sampled": sampled(gold)} if samples else {})}
+    return res
+
+
+def round_policy(pol_dir: Path) -> Path:
+    """The model a round hands on: the checkpoint with the best validation gold when the run kept one
+    (`gold.spec`), else the run's final model."""
+    best = pol_dir / "best_gold"
+    return best if (best / "config.json").exists() else pol_dir
 
 
 def run(cfg: LoopConfig, people: PeopleLabels | None = None, feedback: FeedbackSource | None = None) -> dict:
@@ -256,6 +297,11 @@ def run(cfg: LoopConfig, people: PeopleLabels | None = None, feedback: FeedbackS
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "loop_config.json", to_dict(cfg))
     eval_prompts = load_prompts(cfg.eval_prompts)
+    if cfg.eval_exclude:
+        from chatforge.data.tasks import normalize_prompt, prompt_text
+
+        seen = {normalize_prompt(prompt_text(p)) for p in load_prompts(cfg.eval_exclude)}
+        eval_prompts = [p for p in eval_prompts if normalize_prompt(prompt_text(p)) not in seen]
     policy, prev_rm = cfg.sft, None
     cmp_paths: list[Path] = []
     rounds, cache = [], {}
@@ -278,17 +324,17 @@ def run(cfg: LoopConfig, people: PeopleLabels | None = None, feedback: FeedbackS
         pol_dir = rdir / "policy"
         _train_policy(cfg, r, policy, rm_dir, train_paths, pol_dir)
         eval_path = rdir / "eval.json"
+        new_policy = str(round_policy(pol_dir))
         if eval_path.exists():
             res = json.loads(eval_path.read_text(encoding="utf-8"))
         else:
-            res = {"round": r, "vs_previous": compare_models(str(pol_dir), policy, eval_prompts, cfg.judge,
-                                                             cfg.eval_max_new_tokens, cache),
-                   "vs_sft": compare_models(str(pol_dir), cfg.sft, eval_prompts, cfg.judge,
-                                            cfg.eval_max_new_tokens, cache),
-                   **({"vs_baseline": compare_models(str(pol_dir), cfg.baseline, eval_prompts, cfg.judge,
-                                                     cfg.eval_max_new_tokens, cache),
-                       "sft_vs_baseline": compare_models(cfg.sft, cfg.baseline, eval_prompts, cfg.judge,
-                                                         cfg.eval_max_new_tokens, cache)} if cfg.baseline else {}),
+            def vs(m: str, b: str) -> dict:
+                return compare_models(m, b, eval_prompts, cfg.judge, cfg.eval_max_new_tokens, cache, gold=cfg.gold,
+                                      samples=cfg.eval_samples, temperature=cfg.eval_temperature)
+
+            res = {"round": r, "policy": new_policy, "vs_previous": vs(new_policy, policy), "vs_sft": vs(new_policy, cfg.sft),
+                   **({"vs_baseline": vs(new_policy, cfg.baseline),
+                       "sft_vs_baseline": vs(cfg.sft, cfg.baseline)} if cfg.baseline else {}),
                    "policy_metrics": {**(read_manifest(pol_dir) or {}).get("metrics", {}),
                                       "final_kl": final_mean(pol_dir, "objective/kl")},
                    "previous_round": str(out / f"round-{r - 1}" / "eval.json") if r > 1 else None}
@@ -299,18 +345,23 @@ def run(cfg: LoopConfig, people: PeopleLabels | None = None, feedback: FeedbackS
             from chatforge.stages.report import run as run_report
 
             prev = out / f"round-{r - 1}" / "report"
-            run_report(EvalConfig(model=str(pol_dir), baselines=[policy] if policy == cfg.sft else [policy, cfg.sft],
+            run_report(EvalConfig(model=new_policy, baselines=[policy] if policy == cfg.sft else [policy, cfg.sft],
                                   reward=str(rm_dir), judge=cfg.judge, prompts=cfg.eval_prompts,
                                   comparisons=[str(cmp_path)], bias=cfg.report_bias,
                                   previous=str(prev) if prev.exists() else None,
                                   max_new_tokens=cfg.eval_max_new_tokens), report_dir)
         _register(rdir)
         rounds.append(res)
-        policy, prev_rm = str(pol_dir), rm_dir
+        policy, prev_rm = new_policy, rm_dir
         wr = res["vs_sft"]["win_rate"]
-        print0(f"round {r}: win rate vs SFT {wr['win_rate']:.2f} (95% CI {wr['ci_wilson'][0]:.2f}-"
+        print0(f"round {r}: panel win rate vs SFT (greedy) {wr['win_rate']:.2f} (95% CI {wr['ci_wilson'][0]:.2f}-"
                f"{wr['ci_wilson'][1]:.2f}), accuracy {res['vs_sft']['accuracy_model']['all']['accuracy']:.3f} "
                f"(SFT {res['vs_sft']['accuracy_baseline']['all']['accuracy']:.3f})")
+        sampled = res["vs_sft"].get("gold", {}).get("sampled")
+        if sampled:
+            print0(f"round {r}: gold ({cfg.gold}) win rate vs SFT, sampled T {sampled['temperature']} x"
+                   f"{sampled['samples']}: {sampled['win_rate']:.3f} (95% CI {sampled['ci_bootstrap'][0]:.3f}-"
+                   f"{sampled['ci_bootstrap'][1]:.3f})")
     summary = {"out": str(out), "rounds": rounds}
     write_json(out / "loop_summary.json", summary)
     return summary
