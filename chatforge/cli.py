@@ -416,6 +416,34 @@ def bench(
 
 
 @app.command()
+def plan(
+    model: str = typer.Option(..., "--model", help="Model name, run dir, HF dir, or a config.json path."),
+    stage: str = typer.Option("sft", "--stage", help="pretrain | sft | rm | dpo | ppo | grpo"),
+    gpus: int = typer.Option(1, "--gpus", help="Ranks (GPUs) the job runs on."),
+    gpu_mem: float = typer.Option(80.0, "--gpu-mem", help="Memory per GPU, GiB."),
+    batch: int = typer.Option(8, "--batch", help="Micro-batch rows per rank."),
+    seq_len: int = typer.Option(1024, "--seq-len"),
+    lora: bool = typer.Option(False, "--lora", help="LoRA adapters instead of full fine-tuning."),
+    fp32: bool = typer.Option(False, "--fp32", help="fp32 compute (default: bf16, as on a GPU)."),
+    no_flash: bool = typer.Option(False, "--no-flash", help="Attention without a fused kernel (s x s scores kept)."),
+    reply_tokens: int = typer.Option(256, "--reply-tokens", help="RL: tokens generated per reply."),
+    rollout_batch: int = typer.Option(64, "--rollout-batch", help="RL: replies generated at once per rank."),
+    measure: bool = typer.Option(False, "--measure", help="Also run 2 real steps on this CPU and print the peak."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Per-rank memory (weights, grads, AdamW, activations, KV cache) per strategy, and what fits."""
+    from chatforge.stages import plan as planner
+
+    p = planner.PlanInput(stage=stage, gpus=gpus, gpu_mem_gb=gpu_mem, batch=batch, seq_len=seq_len, lora=lora,
+                        bf16=not fp32, flash=not no_flash, reply_tokens=reply_tokens, rollout_batch=rollout_batch)
+    planner.run(model, p, as_json=as_json)
+    if measure:
+        r = planner.measure_peak(model, p)
+        print(f"measured on this CPU (single process, fp32, eager attention): peak {r['measured_gib']:.3f} GiB "
+              f"above the baseline; estimate {r['estimated_gib']:.3f} GiB")
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o"),
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes (what the test suite runs)."),
