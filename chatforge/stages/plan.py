@@ -236,7 +236,9 @@ def run(model: str, p: PlanInput, as_json: bool = False) -> dict:
         t.add_row(e.strategy, "yes" if e.offload else "-", "yes" if e.checkpointing else "-", f"{e.weights:.2f}",
                   f"{e.grads:.2f}", f"{e.optimizer:.2f}", f"{e.activations:.2f}", f"{e.kv_cache:.2f}",
                   f"{e.total:.2f}", f"{e.cpu:.2f}", "yes" if e.fits else ("n/a" if not e.supported else "no"))
-    console.print(t, width=max(console.width, 120))
+    from rich.console import Console
+
+    Console(width=max(console.width, 120)).print(t)  # eleven numeric columns: never truncate them
     if any(not e.supported for e in rows):
         console.print(next(e.note for e in rows if not e.supported))
     if best:
