@@ -394,19 +394,23 @@ def loop(
 
 @app.command()
 def bench(
-    stage: str = typer.Argument(..., help="pretrain | generate | sft | rm | dpo | ppo | model | serve"),
+    stage: str = typer.Argument(..., help="pretrain | generate | sft | rm | dpo | ppo | model | serve | labelers"),
     out: Path = typer.Option(None, "--out", "-o", help="Write the JSON result here."),
     quick: bool = typer.Option(False, "--quick", help="Smaller sizes, for a smoke run."),
     model: str | None = typer.Option(None, "--model", help="Benchmark this model (name, dir) instead of the "
                                      "default tiny one, where the stage supports it (e.g. smollm2-135m-instruct)."),
     batch: int | None = typer.Option(None, "--batch", help="Batch size, where the stage takes one."),
+    db: str | None = typer.Option(None, "--db", help="labelers: database URL (default: a temp SQLite file)."),
+    labelers: int | None = typer.Option(None, "--labelers", help="labelers: concurrent labelers (default 50)."),
+    tasks_per_labeler: int | None = typer.Option(None, "--tasks-per-labeler", help="labelers: tasks each (default 4)."),
 ) -> None:
     """Throughput, MFU vs the measured matmul peak, peak memory; side by side with a peer where one exists."""
     import json
 
     from chatforge.bench import run_bench
 
-    result = run_bench(stage, quick=quick, model_path=model, batch=batch)
+    result = run_bench(stage, quick=quick, model_path=model, batch=batch, db_url=db, labelers=labelers,
+                       tasks_per_labeler=tasks_per_labeler)
     if out:
         from chatforge.core.io import write_json
 

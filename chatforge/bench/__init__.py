@@ -12,7 +12,8 @@ from chatforge.core.io import UserError
 
 STAGES = {"pretrain": "chatforge.bench.pretrain", "generate": "chatforge.bench.generate", "rm": "chatforge.bench.rm",
           "dpo": "chatforge.bench.dpo", "sft": "chatforge.bench.sft", "ppo": "chatforge.bench.ppo",
-          "model": "chatforge.bench.model", "serve": "chatforge.bench.serve"}
+          "model": "chatforge.bench.model", "serve": "chatforge.bench.serve",
+          "labelers": "chatforge.bench.labelers"}
 
 
 def run_bench(stage: str, quick: bool = False, **options: object) -> dict:
