@@ -5,8 +5,12 @@ from __future__ import annotations
 import platform
 import resource
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
+
+from chatforge.core.io import UserError
 
 
 def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 2.0,
@@ -55,3 +59,21 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)
+
+
+def wait_until_up(proc: Any, url: str, timeout_s: float, what: str, output: Callable[[], str]) -> Any:
+    """Poll `url` until it answers 200; a clear error with the tail of `output()` if `proc` exits or times out."""
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise UserError(f"{what} exited ({proc.returncode}): {output()[-2000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise UserError(f"{what} did not come up within {timeout_s:g} s")

@@ -34,6 +34,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from chatforge.bench.common import wait_until_up
 from chatforge.core.io import UserError
 
 PASSWORD = "load-test-pass-123"
@@ -94,24 +95,12 @@ def _serve(db_url: str, port: int) -> None:
 
 
 def _start_server(db_url: str, port: int, log: Path) -> subprocess.Popen:
-    import httpx
 
     out = log.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "chatforge.bench.labelers", "--serve", db_url, str(port)],
                             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     out.close()
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise UserError(f"the web app exited ({proc.returncode}): {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/app/login", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise UserError("the web app did not come up within 120 s")
+    return wait_until_up(proc, f"http://127.0.0.1:{port}/app/login", 120, "the web app", log.read_text)
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chatforge.bench.common import machine, print_table
+from chatforge.bench.common import machine, print_table, wait_until_up
 from chatforge.core.io import UserError
 
 LEVELS = (1, 2, 4, 8, 16, 32)
@@ -144,24 +144,12 @@ def _batch_stats(base: str) -> tuple[float, float]:
 
 
 def _start_server(model: str, port: int, max_batch: int, dtype: str, threads: int) -> subprocess.Popen:
-    import httpx
 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "chatforge.cli", "serve", "--model", model, "--port", str(port), "--no-auth",
            "--db", "none", "--max-batch", str(max_batch), "--queue-size", "256", "--dtype", dtype]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise UserError(f"the server exited ({proc.returncode}): {proc.stdout.read()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise UserError("the server did not come up within 300 s")
+    return wait_until_up(proc, f"http://127.0.0.1:{port}/health", 300, "the server", proc.stdout.read)
 
 
 _LLAMA_SCRIPT = """
