@@ -553,6 +553,10 @@ class GoldConfig:
     """Measure every N iterations (and at iteration 0)."""
     prompts: str = "tasks-heldout:4:977"
     """Validation prompts (a draw no test set uses); the best-gold policy is kept in best_gold/."""
+    samples: int = 1
+    """Replies per validation prompt (more than 1 needs temperature > 0; the seeds repeat at every measurement)."""
+    temperature: float = 0.0
+    """Decoding of the validation replies: 0 = greedy; the rollouts' temperature measures the policy RL trains."""
 
 
 @dataclass

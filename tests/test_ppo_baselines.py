@@ -165,3 +165,28 @@ def test_gold_that_cannot_score_the_validation_prompts_fails_before_work(setup, 
     with pytest.raises(UserError, match="cannot score the validation prompts"):
         ppo.run(cfg, tmp_path / "run", resume=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_sampled_gold_validation_repeats_its_seeds_so_checkpoints_are_compared_on_paired_draws(setup, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatforge.core.rewards import make_reward_source
+    from chatforge.core.rollout import GoldMonitor
+
+    root, model_dir, prompts = setup
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    proxy = make_reward_source("keyword:e")
+
+    def monitor(samples, temperature):
+        return GoldMonitor("keyword:a", proxy, str(prompts), tok, 12, 1, tmp_path / "best", samples=samples,
+                           temperature=temperature)
+
+    sampled = monitor(3, 1.0)
+    first, again = sampled.measure(model, 0), sampled.measure(model, 1)
+    assert first["objective/gold"] == again["objective/gold"]  # the same draws at every measurement
+    assert sampled.best_step == 0  # not better the second time: nothing re-saved
+    greedy = monitor(1, 0.0).measure(model, 0)
+    assert greedy["objective/gold"] != first["objective/gold"]  # 3 samples at T 1 are not the greedy replies
+    with pytest.raises(UserError, match="needs a temperature"):
+        monitor(2, 0.0)

@@ -404,7 +404,9 @@ def keep_scorable(reward: Any, prompts: list[dict], ids: list[list[int]]) -> tup
 
 class GoldMonitor:
     """Over-optimisation check (Gao et al. 2022) inside an RL run: every `every` iterations the policy's
-    greedy replies to a fixed validation prompt set are scored by the proxy (the reward being optimised)
+    replies to a fixed validation prompt set (greedy, or `samples` per prompt at `temperature` with the same
+    seeds at every measurement, so two checkpoints are compared on paired draws) are scored by the proxy
+    (the reward being optimised)
     and by the gold (a judge the policy never sees), logged as `objective/proxy` and `objective/gold`
     beside `objective/kl`; the policy with the best validation gold so far is saved to `best_dir`.
 
@@ -413,12 +415,16 @@ class GoldMonitor:
     """
 
     def __init__(self, gold: str, proxy: Any, prompts: str, tok: Any, max_new_tokens: int, every: int,
-                 best_dir: Any, device: torch.device | str = "cpu", context: int | None = None):
+                 best_dir: Any, device: torch.device | str = "cpu", context: int | None = None,
+                 samples: int = 1, temperature: float = 0.0):
         from chatforge.core.rewards import TaskReward, make_reward_source
 
         self.gold = make_reward_source(gold, device)
         self.proxy, self.tok, self.every, self.best_dir = proxy, tok, every, best_dir
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.samples, self.temperature = max_new_tokens, samples, temperature
+        if samples < 1 or temperature < 0 or (samples > 1 and temperature == 0):
+            raise UserError(f"gold.samples={samples}, gold.temperature={temperature}: samples >= 1, and more than "
+                            "one sample per prompt needs a temperature > 0 (greedy replies would repeat)")
         self.prompts, self.ids, _ = prepare_prompts(prompts, tok, max_new_tokens, context)
         if isinstance(self.gold, TaskReward) or isinstance(proxy, TaskReward):
             from chatforge.data.tasks import find_family
@@ -444,7 +450,8 @@ class GoldMonitor:
         bare.eval()
         with torch.no_grad():
             ro = generate_rollouts(bare, self.tok, self.prompts, self.ids, max_new_tokens=self.max_new_tokens,
-                                   temperature=0.0, top_k=0, top_p=1.0, seeds=list(range(len(self.prompts))))
+                                   temperature=self.temperature, top_k=0, top_p=1.0,
+                                   seeds=list(range(len(self.prompts))), num_samples=self.samples)
         bare.train(was_training)
         gold = float(np.mean(self.gold.score(ro.prompts, ro.texts)))
         proxy = float(np.mean(score_rollout(self.proxy, self.tok, ro)))

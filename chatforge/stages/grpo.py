@@ -149,7 +149,8 @@ def run(cfg: GRPOConfig, out: Path, resume: bool = True) -> dict:
         guards = HackingGuards(cfg.guards, "grpo")
         amp = autocast_dtype(cfg.train, info.device)
         gold = (GoldMonitor(cfg.gold.spec, reward, cfg.gold.prompts, tok, cfg.rollout.max_new_tokens, cfg.gold.every,
-                            Path(out) / "best_gold", info.device, context) if cfg.gold.spec else None)
+                            Path(out) / "best_gold", info.device, context, cfg.gold.samples,
+                            cfg.gold.temperature) if cfg.gold.spec else None)
         ro_cfg, chunk, k = cfg.rollout, cfg.rollout.forward_batch_size, cfg.grpo.group_size
 
         def step_fn(step: int) -> dict:

@@ -143,10 +143,10 @@ def activation_bytes(g: Geometry, tokens: int, seq_len: int, act_bytes: int, fla
     # two RMSNorms (fp32 input, rsqrt, normalised), q and the attention output, k and v, RoPE's rotated
     # halves of q and k, o_proj's input, SwiGLU's gate, silu(gate), up and their product
     per_token = 6 * h + 2 * h + 2 * kvd + gqa + 2 * (h + kvd) + h + 4 * f
-    # without a fused kernel, s per token per head for each of: the masked scores, the softmax probabilities,
-    # dropout's mask and output (eager attention)
-    attn = 0 if flash else 4 * g.heads * seq_len
-    layer = tokens * (per_token + attn) * act_bytes
+    # without a fused kernel (eager attention), s softmax probabilities per token per head, saved in fp32 and, in
+    # bf16, once more as the cast that multiplies v; dropout at p 0 returns its input and saves nothing
+    attn = 0 if flash else g.heads * seq_len * (4 + (act_bytes if act_bytes < 4 else 0))
+    layer = tokens * (per_token * act_bytes + attn)
     body = (layer + g.layers * tokens * h * act_bytes) if checkpointing else g.layers * layer
     # the logits, upcast to fp32 for the loss, and log-softmax's output (fp32)
     head = tokens * g.vocab * (act_bytes + 8) if lm_head else tokens * 4
@@ -274,8 +274,9 @@ def measure_peak(model: str, p: PlanInput, steps: int = 2) -> dict:
 
 
 _MEASURE = """
-import json, resource, torch
+import copy, gc, json, resource, torch
 from transformers import AutoConfig, AutoModelForCausalLM
+from peft import LoraConfig, get_peft_model  # imported before the baseline: its modules are not training memory
 from chatforge.core.model import resolve_model_path
 from pathlib import Path
 torch.manual_seed(0)
@@ -284,20 +285,25 @@ cfg = AutoConfig.from_pretrained(spec.parent if spec.is_file() else resolve_mode
 def rss():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
-x = torch.randn(64, 64); (x @ x).sum()  # warm the allocator and BLAS before the baseline
+def train(cfg, batch, seq, steps):
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    if {lora}:
+        model = get_peft_model(model, LoraConfig(r={rank}, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model.train()
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+# one step of a one-layer, small-vocabulary copy first: the lazily imported modelling code, autograd's and BLAS's
+# thread pools and the allocator's arenas then belong to the baseline, not to the measured training memory
+small = copy.deepcopy(cfg); small.num_hidden_layers = 1; small.vocab_size = 256
+train(small, 1, 8, 1)
+gc.collect()
 base = rss()
-model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-if {lora}:
-    from peft import LoraConfig, get_peft_model
-    model = get_peft_model(model, LoraConfig(r={rank}, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-model.train()
-opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
-ids = torch.randint(0, cfg.vocab_size, ({batch}, {seq}))
-for _ in range({steps}):
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=False)
+train(cfg, {batch}, {seq}, {steps})
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({{"peak_bytes": peak - base}}))
 """

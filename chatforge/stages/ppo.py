@@ -389,7 +389,8 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
         amp = autocast_dtype(cfg.train, info.device)
         ro_cfg, chunk, shared = cfg.rollout, cfg.rollout.forward_batch_size, cfg.critic.shared
         gold = (GoldMonitor(cfg.gold.spec, reward, cfg.gold.prompts, tok, ro_cfg.max_new_tokens, cfg.gold.every,
-                            Path(out) / "best_gold", info.device, context) if cfg.gold.spec else None)
+                            Path(out) / "best_gold", info.device, context, cfg.gold.samples,
+                            cfg.gold.temperature) if cfg.gold.spec else None)
         reuse_logprobs = engine_logprobs_usable(ro_cfg.temperature, ro_cfg.top_k, ro_cfg.top_p, amp)
 
         def step_fn(step: int) -> dict:
