@@ -20,7 +20,7 @@ TOLERANCE = 0.25  # stated in the plan module's docstring and in the README
 @pytest.mark.parametrize("config,batch,seq_len,lora", [(GQA, 4, 256, False), (MHA_TIED, 2, 512, False),
                                                         (GQA, 4, 256, True)], ids=["gqa", "mha-tied", "gqa-lora"])
 def test_estimate_is_within_tolerance_of_the_measured_peak(tmp_path, config, batch, seq_len, lora):
-    """Two real AdamW steps in a fresh process: peak RSS above the baseline vs the estimate's total."""
+    """Two real AdamW steps in a fresh process: the allocator's peak of live tensors vs the estimate's total."""
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     r = measure_peak(str(path), PlanInput(stage="sft", batch=batch, seq_len=seq_len, lora=lora))

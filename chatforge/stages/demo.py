@@ -66,8 +66,10 @@ QUICK = DemoSizes(depth=1, pretrain_steps=20, sft_steps=30, demos_per_family=20,
 # SmolLM2-135M-Instruct on 2 CPU cores: sized to finish in well under an hour (BENCHMARKS.md has the run)
 # RL = RLOO (K 4 samples per prompt, leave-one-out baseline, no critic) on normalised RM scores, with the gold
 # validation monitor keeping the best-gold checkpoint: the recipe that beat SFT in BENCHMARKS.md (session 6)
+# validation = the eval's primary decoding (2 samples per prompt at the rollouts' T 1, paired seeds) on 64 prompts:
+# greedy replies on 32 picked a step-48 checkpoint that lost on the test prompts (session 9)
 RLOO_GOLD = ("ppo.samples_per_prompt=4", "ppo.baseline=rloo", "ppo.normalise_scores=true", "gold.spec=rule",
-             "gold.every=8")
+             "gold.every=8", "gold.prompts=tasks-heldout:8:977", "gold.samples=2", "gold.temperature=1.0")
 BASE = DemoSizes(depth=0, pretrain_steps=0, sft_steps=40, demos_per_family=40, eval_per_family=25,
                  sample_prompts_per_family=40, k=4, seq_len=256, batch_size=8, rounds=1, rm_steps=60,
                  ppo_steps=64, ppo_batch=16, ppo_prompts_per_family=16, ppo_lr=1e-4, reply_tokens=32,

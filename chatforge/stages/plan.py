@@ -12,7 +12,7 @@ token per layer are the two norm inputs/outputs, q/k/v, the attention output, o_
 MLP intermediates; without a fused (flash) kernel, attention also keeps its score and probability matrices.
 With checkpointing a layer keeps only its input, plus one layer's full activations during recompute.
 `--measure` runs a few real optimizer steps of the plan's single-process configuration on this machine's
-CPU and prints the measured peak beside the estimate (tests/test_plan.py holds them within 25 %).
+CPU and prints the peak of live tensors beside the estimate (tests/test_plan.py holds them within 25 %).
 """
 
 from __future__ import annotations
@@ -253,19 +253,16 @@ def run(model: str, p: PlanInput, as_json: bool = False) -> dict:
 
 
 def measure_peak(model: str, p: PlanInput, steps: int = 2) -> dict:
-    """Peak resident memory above the loaded-libraries baseline of `steps` real AdamW steps of the plan's
-    single-process choice (fp32, no checkpointing), on CPU, in a fresh process so the peak is its own."""
+    """Peak live tensor memory of `steps` real AdamW steps of the plan's single-process choice (fp32, no
+    checkpointing) on CPU, in a fresh process: the allocator's own count (the profiler's memory events, the CPU
+    analogue of torch.cuda.max_memory_allocated), so imported libraries, thread pools and malloc's arenas, which
+    differ between machines, are not counted as training memory."""
     import subprocess
     import sys
 
     code = _MEASURE.format(model=json.dumps(str(model)), batch=p.batch, seq=p.seq_len, steps=steps,
                            lora=p.lora, rank=p.lora_rank)
-    import os
-
-    # every large tensor in its own mmap, returned to the OS when freed: RSS then tracks live tensors instead of
-    # glibc's heap high-water mark (its mmap threshold otherwise grows to 32 MiB after the first frees)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800, env=env)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
     if r.returncode != 0:
         raise UserError(f"measuring {model} failed: {r.stderr[-2000:]}")
     measured = json.loads(r.stdout.strip().splitlines()[-1])
@@ -274,36 +271,32 @@ def measure_peak(model: str, p: PlanInput, steps: int = 2) -> dict:
 
 
 _MEASURE = """
-import copy, gc, json, resource, torch
+import json, torch
+from torch.profiler import ProfilerActivity, profile
 from transformers import AutoConfig, AutoModelForCausalLM
-from peft import LoraConfig, get_peft_model  # imported before the baseline: its modules are not training memory
+from peft import LoraConfig, get_peft_model
 from chatforge.core.model import resolve_model_path
 from pathlib import Path
 torch.manual_seed(0)
 spec = Path({model})
 cfg = AutoConfig.from_pretrained(spec.parent if spec.is_file() else resolve_model_path(str(spec)))
-def rss():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
-def train(cfg, batch, seq, steps):
+with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     if {lora}:
         model = get_peft_model(model, LoraConfig(r={rank}, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     model.train()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
-    for _ in range(steps):
+    ids = torch.randint(0, cfg.vocab_size, ({batch}, {seq}))
+    for _ in range({steps}):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=False)
-# one step of a one-layer, small-vocabulary copy first: the lazily imported modelling code, autograd's and BLAS's
-# thread pools and the allocator's arenas then belong to the baseline, not to the measured training memory
-small = copy.deepcopy(cfg); small.num_hidden_layers = 1; small.vocab_size = 256
-train(small, 1, 8, 1)
-gc.collect()
-base = rss()
-train(cfg, {batch}, {seq}, {steps})
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({{"peak_bytes": peak - base}}))
+# every allocation (+bytes) and free (-bytes) in time order: the running sum's maximum is the peak of live tensors
+events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+live = peak = 0
+for _, nbytes in events:
+    live += nbytes
+    peak = max(peak, live)
+print(json.dumps({{"peak_bytes": peak}}))
 """
