@@ -212,3 +212,84 @@ def test_pages_fit_a_phone_without_sideways_scrolling(browser, server, shots):
     assert box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"]
     page.screenshot(path=str(shots / "rank-phone.png"), full_page=True)
     ctx.close()
+
+
+PAYLOADS = ("<script>window.__xss=1</script>", "<img src=x onerror=\"window.__xss=2\">",
+            "javascript:window.__xss=3")
+EVIL = " ".join(PAYLOADS)
+
+
+def assert_inert(page, where: str) -> None:  # noqa: ANN001
+    """Nothing the payloads carry ran or became markup: no global set, no dialog, no <img src=x>, no
+    javascript: link; and the text is shown to the person as the literal characters."""
+    assert page.evaluate("window.__xss === undefined"), f"a payload ran on {where}"
+    assert page.locator("img[src='x']").count() == 0, f"an <img> was injected on {where}"
+    assert page.locator("a[href^='javascript']").count() == 0, f"a javascript: link on {where}"
+    assert page.evaluate("[...document.scripts].every(s => !s.text.includes('__xss'))"), where
+
+
+def test_payloads_in_prompts_replies_comments_and_names_never_run(browser, server, shots, tmp_path):
+    """<script>, <img onerror> and javascript: payloads as a campaign's name, a task's prompt and replies, a
+    labeler's username, a ranking comment (saved as a draft, shown again), a prompt set's name and prompt and a
+    demonstration's turn: every page that shows them, in chromium, shows the characters and runs nothing."""
+    base, sm = server
+    evil_name = "eve " + EVIL
+    add_user(sm, evil_name, "labeler")
+    tasks = json.dumps({"task_id": "x1", "prompt": {"messages": [{"role": "user", "content": "Q " + EVIL}]},
+                        "responses": [{"response_id": f"r{j}", "content": f"reply {j} of x {EVIL}", "policy": "p"}
+                                      for j in range(3)]}) + "\n"
+    seed_campaign(sm, tasks, name="camp " + EVIL)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps("P " + EVIL) + "\n")
+    dialogs: list[str] = []
+    admin = browser.new_context().new_page()
+    admin.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    browser_login(admin, base, "admin")
+    form = admin.locator("form[action='/app/admin/prompts']")
+    form.locator("input[name=name]").fill("set " + EVIL)
+    form.locator("input[name=prompts]").set_input_files(str(prompts))
+    with admin.expect_navigation():
+        form.locator("button[type=submit]").click()
+    assert_inert(admin, "the admin page after the prompt import")
+
+    page = browser.new_context().new_page()
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    browser_login(page, base, evil_name)
+    assert_inert(page, "the home page")
+    assert evil_name in page.inner_text("body")  # the name in the header, as text
+    page.goto(base + "/app/rank")
+    assert "/app/rank/asg_" in page.url
+    assert_inert(page, "the ranking page")
+    body = page.inner_text("main")
+    assert "Q " + EVIL in body and f"reply 0 of x {EVIL}" in body
+    page.fill("textarea[name=comment]", "c " + EVIL)
+    page.wait_for_timeout(2500)  # the draft autosave (1 s after typing stops)
+    page.reload()
+    assert page.input_value("textarea[name=comment]") == "c " + EVIL  # the draft came back, as text
+    assert_inert(page, "the ranking page with the saved draft")
+    letters = shown_letters(page)
+    page.fill("#ranking", ", ".join(letters[str(j)] for j in range(3)))
+    with page.expect_navigation():
+        page.click("button[value=submit]")
+    page.goto(base + "/app/write")
+    assert_inert(page, "the demonstration list")
+    assert "P " + EVIL in page.inner_text("main")
+    with page.expect_navigation():
+        page.locator("li", has_text="P " + EVIL).locator("button").click()
+    page.fill("textarea[name=turn_content_1]", "A " + EVIL)
+    with page.expect_navigation():
+        page.click("button[value=add]")
+    assert_inert(page, "the demonstration being written")
+    assert page.input_value("textarea[name=turn_content_1]") == "A " + EVIL
+    page.context.close()
+
+    admin.goto(base + "/app/admin")
+    assert_inert(admin, "the admin page")
+    assert evil_name in admin.inner_text("main") and "camp " + EVIL in admin.inner_text("main")
+    with admin.expect_navigation():
+        admin.locator("a", has_text="camp " + EVIL).first.click()
+    assert_inert(admin, "the campaign page")
+    assert evil_name in admin.inner_text("main")  # the labeler's row in the agreement dashboard
+    admin.screenshot(path=str(shots / "campaign-payloads.png"), full_page=True)
+    assert dialogs == []
+    admin.context.close()

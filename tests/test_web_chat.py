@@ -10,10 +10,9 @@ import math
 import re
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import select
-from web_helpers import add_user, login
+from web_helpers import add_user, login, tiny_served_models
 
 from chatforge.server.db.models import Completion, Conversation, Feedback, Message
 from chatforge.server.export import export_feedback
@@ -22,23 +21,11 @@ from chatforge.server.web.arena import leaderboard
 XSS = "<script>alert(1)</script>"
 
 
-def _tiny(tok, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=True, initializer_range=0.3)
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.fixture(scope="module")
 def served_app(tiny_tokenizer, tmp_path_factory):
-    from chatforge.server.app import ServedModel, create_app
+    from chatforge.server.app import create_app
 
-    models = [ServedModel(id=name, model=_tiny(tiny_tokenizer, seed), tok=tiny_tokenizer, run_id=f"run-{name}",
-                          aliases=[name], context=256) for seed, name in enumerate(("tiny-a", "tiny-b"))]
+    models = tiny_served_models(tiny_tokenizer)
     app = create_app(models, db_url=f"sqlite:///{tmp_path_factory.mktemp('chat') / 'app.db'}", no_auth=True)
     for name in ("ulla", "vera"):
         add_user(app.state.db.sessions, name, "user")
@@ -218,10 +205,9 @@ def live_app(tiny_tokenizer, tmp_path_factory):
     """A second app under a real uvicorn for the browser (its own schedulers and database)."""
     from helpers import live
 
-    from chatforge.server.app import ServedModel, create_app
+    from chatforge.server.app import create_app
 
-    models = [ServedModel(id=name, model=_tiny(tiny_tokenizer, seed), tok=tiny_tokenizer, run_id=f"run-{name}",
-                          aliases=[name], context=256) for seed, name in enumerate(("tiny-a", "tiny-b"))]
+    models = tiny_served_models(tiny_tokenizer)
     app = create_app(models, db_url=f"sqlite:///{tmp_path_factory.mktemp('live') / 'app.db'}", no_auth=True)
     add_user(app.state.db.sessions, "ulla", "user")
     with pytest.MonkeyPatch.context() as mp, live(app) as base:

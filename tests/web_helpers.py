@@ -15,6 +15,25 @@ from chatforge.server.web import install
 from chatforge.server.web.security import hash_password
 
 
+def tiny_served_models(tok, names: tuple[str, ...] = ("tiny-a", "tiny-b")) -> list:  # noqa: ANN001
+    """Tiny random Llama chat models (one per name, seeded by position) served under run ids run-<name>."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chatforge.server.app import ServedModel
+
+    out = []
+    for seed, name in enumerate(names):
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                          tie_word_embeddings=True, initializer_range=0.3)
+        out.append(ServedModel(id=name, model=LlamaForCausalLM(cfg).eval(), tok=tok, run_id=f"run-{name}",
+                               aliases=[name], context=256))
+    return out
+
+
 def make_app(url: str) -> tuple[FastAPI, sessionmaker]:
     """The web app alone (no model) on a database built by the real migrations."""
     db = open_db(url)
