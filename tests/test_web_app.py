@@ -252,3 +252,73 @@ def test_static_files_served_with_headers(env):
     assert r.status_code == 200 and "keydown" in r.text and r.headers["x-content-type-options"] == "nosniff"
     assert c.get("/app/static/..%2Fmodels.py").status_code == 404
     assert c.get("/app/static/models.py").status_code == 404
+
+
+def test_session_that_ends_mid_task_keeps_the_draft_and_comes_back(env):
+    """The session expires while a labeler works: the submit goes to the login page (which says why and comes
+    back to the task), nothing is stored from the stale form, and the autosaved draft is there after login."""
+    from datetime import timedelta
+
+    from chatforge.server.db.models import utcnow
+
+    app, sm = env
+    adm = client(app)
+    import_campaign(adm, login(adm, "admin"), task_lines(1, 3), overlap=1)
+    c = client(app)
+    login(c, "ann")
+    _, url = open_task(c)
+    page = c.get(url).text
+    assert c.post(url + "/draft", data={"csrf": csrf_of(page), "ranking": "B, A", "comment": "half done"}).json()
+    with sm() as db:
+        for s in db.scalars(select(WebSession)):
+            s.expires_at = utcnow() - timedelta(seconds=1)
+        db.commit()
+    r = c.post(url, data={"csrf": csrf_of(page), "ranking": "B, A, C", "action": "submit"},
+               headers={"referer": "http://127.0.0.1" + url}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == f"/app/login?next={url}&expired=1"
+    r2 = c.post(url + "/draft", data={"csrf": csrf_of(page), "comment": "x"}, follow_redirects=False)
+    assert r2.status_code == 303  # not saved
+    login_page = c.get(r.headers["location"]).text
+    assert "Your session ended" in login_page and f'name="next" value="{url}"' in login_page
+    with sm() as db:
+        assert db.scalar(select(func.count()).select_from(Ranking)) == 0
+    r = c.post("/app/login", data={"username": "ann", "password": "password-123", "next": url},
+               follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == url
+    back = c.get(url).text
+    assert "half done" in back and 'value="B, A"' in back
+    # `next` never leaves the app (no open redirect)
+    for evil in ("//evil.example/x", "https://evil.example/", "/app/..//evil.example", "/app\\\\evil"):
+        r = c.post("/app/login", data={"username": "ann", "password": "password-123", "next": evil},
+                   follow_redirects=False)
+        assert r.headers["location"] == "/app/", evil
+
+
+def test_task_reassigned_or_deleted_mid_labeling_says_so(env):
+    from chatforge.server.db.models import User
+    from chatforge.server.web.models import Assignment, RankTask
+
+    app, sm = env
+    adm = client(app)
+    import_campaign(adm, login(adm, "admin"), task_lines(2, 3), overlap=1)
+    c = client(app)
+    login(c, "ann")
+    _, url = open_task(c)
+    page = c.get(url).text
+    aid = url.rsplit("/", 1)[1]
+    with sm() as db:  # an admin hands the task to bob while ann has it open
+        a = db.get(Assignment, aid)
+        a.user_id = db.scalar(select(User.id).where(User.username == "bob"))
+        db.commit()
+    r = c.post(url, data={"csrf": csrf_of(page), "ranking": "A, B, C", "action": "submit"})
+    assert r.status_code == 404 and "reassigned" in r.text
+    _, url2 = open_task(c)
+    page = c.get(url2).text
+    with sm() as db:  # the task is deleted while ann has it open
+        task_id = db.get(Assignment, url2.rsplit("/", 1)[1]).task_id
+        db.delete(db.get(RankTask, task_id))
+        db.commit()
+    r = c.post(url2, data={"csrf": csrf_of(page), "ranking": "A, B, C", "action": "submit"})
+    assert r.status_code == 404 and ("deleted" in r.text or "reassigned" in r.text)
+    with sm() as db:
+        assert db.scalar(select(func.count()).select_from(Ranking)) == 0

@@ -15,7 +15,7 @@ from fastapi.templating import Jinja2Templates
 from chatforge.server.db.models import User
 from chatforge.server.web.deps import LoginRequired, PasswordChangeRequired
 from chatforge.server.web.models import WebSession
-from chatforge.server.web.security import HEADERS, csrf_ok
+from chatforge.server.web.security import HEADERS, SESSION_COOKIE, csrf_ok
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))  # autoescape on for .html
@@ -33,13 +33,35 @@ class SecureRoute(APIRoute):
             try:
                 resp = await inner(request)
             except LoginRequired:
-                resp = RedirectResponse("/app/login", status_code=303)
+                resp = RedirectResponse(login_url(request), status_code=303)
             except PasswordChangeRequired:
                 resp = RedirectResponse("/app/password", status_code=303)
             for k, v in HEADERS:
                 resp.headers.setdefault(k.decode(), v.decode())
             return resp
         return handler
+
+
+def login_url(request: Request) -> str:
+    """Where a request without a live session goes: the login page, told to come back to the page the person
+    was on (for a form post, the page that posted it) and, if they had a session, that it ended."""
+    from urllib.parse import quote, urlsplit
+
+    back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    if request.method != "GET":
+        ref = urlsplit(request.headers.get("referer", ""))
+        same = ref.netloc in ("", request.url.netloc)
+        back = ref.path + (f"?{ref.query}" if ref.query else "") if same and ref.path else "/app/"
+    ended = "&expired=1" if request.cookies.get(SESSION_COOKIE) else ""
+    return f"/app/login?next={quote(safe_next(back), safe='/')}{ended}"
+
+
+def safe_next(dest: str | None) -> str:
+    """`dest` if it is a page of this app (no open redirect to another site), else the home page."""
+    dest = dest or ""
+    ok = dest.startswith("/app/") and not dest.startswith(("/app/login", "/app/logout")) and "\\" not in dest \
+        and "//" not in dest and all(c.isprintable() for c in dest)
+    return dest if ok else "/app/"
 
 
 def app_router() -> APIRouter:

@@ -19,7 +19,7 @@ from chatforge.server.web import campaigns as cp
 from chatforge.server.web.agreement import campaign_agreement
 from chatforge.server.web.deps import DB, Admin, Auth, Labeler, current, limiter
 from chatforge.server.web.models import Assignment, AuditLog, Campaign, Ranking, RankTask
-from chatforge.server.web.pages import FLAGS, app_router, check_csrf, page
+from chatforge.server.web.pages import FLAGS, app_router, check_csrf, page, safe_next
 from chatforge.server.web.security import (
     SESSION_COOKIE,
     SESSION_TTL,
@@ -54,27 +54,30 @@ def _secure_cookie(request: Request) -> bool:
 
 
 @router.get("/login")
-def login_form(request: Request) -> HTMLResponse:
-    return page(request, "login.html")
+def login_form(request: Request, next: str = "", expired: int = 0) -> HTMLResponse:
+    msg = ("Your session ended. Log in again to go on: what you typed on a task was saved as a draft."
+           if expired else "")
+    return page(request, "login.html", message=msg, next=safe_next(next) if next else "")
 
 
 @router.post("/login")
 def login(request: Request, db: DB, username: Annotated[str, Form(max_length=100)],
-          password: Annotated[str, Form(max_length=1000)]) -> Response:
+          password: Annotated[str, Form(max_length=1000)], next: Annotated[str, Form(max_length=2000)] = "") -> Response:
     lim = limiter(request)
     key = f"{request.client.host if request.client else '-'}:{username.lower()}"
     wait = lim.retry_after(key)
     if wait:
         return page(request, "login.html", status=429, error=f"Too many failed logins; try again in {wait} s.",
-                    headers_retry=wait)
+                    next=safe_next(next) if next else "", headers_retry=wait)
     user = user_by_name(db, username)
     if not verify_password(db, user, password):
         lim.fail(key)
-        return page(request, "login.html", status=401, error="Wrong username or password.")
+        return page(request, "login.html", status=401, error="Wrong username or password.",
+                    next=safe_next(next) if next else "")
     lim.reset(key)
     token, _ = create_session(db, user, old_token=request.cookies.get(SESSION_COOKIE))
     db.commit()
-    dest = "/app/admin" if user.role == "admin" else "/app/"
+    dest = safe_next(next) if next else "/app/admin" if user.role == "admin" else "/app/"
     resp = RedirectResponse(dest, status_code=303)
     resp.set_cookie(SESSION_COOKIE, token, max_age=int(SESSION_TTL.total_seconds()), httponly=True,
                     samesite="lax", secure=_secure_cookie(request), path="/")

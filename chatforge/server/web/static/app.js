@@ -65,7 +65,14 @@
     const body = new URLSearchParams(new FormData(form));
     body.delete("action");
     fetch(form.dataset.autosave, {method: "POST", body: body, keepalive: !!keepalive, credentials: "same-origin"})
-      .then(r => { if (status) status.textContent = r.ok ? "Saved." : "Not saved (" + r.status + ")"; })
+      .then(r => {
+        // a session that ended answers with a redirect to the login page: that is not a save
+        const saved = r.ok && !r.redirected;
+        if (!saved) dirty = true;
+        if (status) status.textContent = saved ? "Saved." : r.redirected
+          ? "Not saved: your session ended. Log in again in another tab, then reload; what you typed before is kept."
+          : "Not saved (" + r.status + ")";
+      })
       .catch(() => { dirty = true; if (status) status.textContent = "Offline: not saved yet."; });
   }
   form.addEventListener("input", () => {
