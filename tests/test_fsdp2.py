@@ -145,3 +145,26 @@ def test_grad_sync_skips_the_reduction_on_accumulation_steps():
     with grad_sync([Sharded(), Replicated()], sync=True):
         pass
     assert calls == [("fsdp2", False), ("ddp", "no_sync"), ("fsdp2", True)]
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo"])
+def test_rm_and_dpo_fsdp2_match_one_process(stage, tiny_tokenizer, tiny_model_factory, tmp_path):
+    """The reward model (sequence-classification head on the sharded trunk) and DPO (policy sharded, reference
+    log-probs computed once before sharding) give one process's per-step losses on the same global batch."""
+    from test_dpo import synthetic
+
+    model = save_tiny_model(tmp_path / "base", tiny_tokenizer, tiny_model_factory)
+    data = tmp_path / "cmp.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic(40)))
+    common = ["train.max_steps=4", "train.seq_len=64", "train.eval_every=0", "train.log_every=1", "train.lr=3e-3",
+              "train.warmup_steps=1", "log.tensorboard=false", "train.threads=1", "train.checkpoint_every=4",
+              "data.val_fraction=0.1"]
+    args = ["rm", "train", "--model", str(model)] if stage == "rm" else ["dpo", "--policy", str(model)]
+    args += ["--data", str(data)]
+    run([*CLI, *args, "--out", str(tmp_path / "one"), *sets([*common, "train.batch_size=4"])])
+    run(torchrun(*args, "--out", str(tmp_path / "two"), *sets([*common, "train.batch_size=2", "train.strategy=fsdp2"])))
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 4 and max(abs(a - b) for a, b in zip(one, two)) < TOL, (one, two)
+    assert one[0] != one[-1]  # it trained
+    meta = json.loads((tmp_path / "two" / "checkpoints" / "step-4" / "meta.json").read_text())
+    assert meta["format"] == "dcp" and meta["world_size"] == 2
