@@ -168,3 +168,79 @@ def test_rm_and_dpo_fsdp2_match_one_process(stage, tiny_tokenizer, tiny_model_fa
     assert one[0] != one[-1]  # it trained
     meta = json.loads((tmp_path / "two" / "checkpoints" / "step-4" / "meta.json").read_text())
     assert meta["format"] == "dcp" and meta["world_size"] == 2
+
+
+LOCKSTEP = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from chatforge.config import TrainConfig
+from chatforge.core.distributed import init_distributed, wrap_model
+from chatforge.core.generation import SamplingParams, generate
+from chatforge.core.tokenizer import stop_token_ids
+model_dir, out = sys.argv[1], sys.argv[2]
+info = init_distributed("cpu")
+tok = AutoTokenizer.from_pretrained(model_dir)
+plain = AutoModelForCausalLM.from_pretrained(model_dir)
+sharded = wrap_model(AutoModelForCausalLM.from_pretrained(model_dir), info,
+                     TrainConfig(strategy="fsdp2"), trainable=False)
+# rank 0 asks for 2 tokens, rank 1 for 12: without lockstep rank 0 would stop its all-gathers first and hang
+n = 2 if info.rank == 0 else 12
+prompts = [tok.encode(f"Once upon a time {i}") for i in range(3)]
+kw = dict(stop_token_ids=stop_token_ids(tok), pad_id=tok.pad_token_id, num_samples=2)
+params = [SamplingParams(max_new_tokens=n, temperature=1.0, seed=10 * info.rank + i) for i in range(3)]
+a = generate(sharded, prompts, params, **kw)
+b = generate(plain, prompts, params, **kw)
+json.dump({"sharded": [[g.token_ids for g in grp] for grp in a], "plain": [[g.token_ids for g in grp] for grp in b]},
+          open(f"{out}/rank{info.rank}.json", "w"))
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_sharded_generation_runs_in_lockstep_and_equals_the_plain_model(tiny_tokenizer, tiny_model_factory,
+                                                                        tmp_path):
+    """Generation with an FSDP2-sharded model when the ranks want different numbers of tokens: every rank
+    keeps stepping until the last one is done, and each reply equals the unsharded model's."""
+    model = save_tiny_model(tmp_path / "base", tiny_tokenizer, tiny_model_factory)
+    script = tmp_path / "lockstep.py"
+    script.write_text(LOCKSTEP)
+    from helpers import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           str(script), str(model), str(tmp_path)]
+    run(cmd)
+    for rank, n in ((0, 2), (1, 12)):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["sharded"] == got["plain"], rank
+        assert max(len(t) for grp in got["sharded"] for t in grp) <= n
+    assert max(len(t) for grp in json.loads((tmp_path / "rank1.json").read_text())["sharded"] for t in grp) > 2
+
+
+@pytest.mark.parametrize("baseline", ["critic", "rloo"])
+def test_ppo_fsdp2_matches_ddp(baseline, tiny_tokenizer, tiny_model_factory, tmp_path):
+    """PPO with policy, critic and reference sharded (the reward replicated) takes the steps DDP takes with the
+    same 2 ranks, seeds and prompts: the same per-step losses, KL and scores; the final model/ is plain.
+    (Against DDP, not one process: rollout seeds are drawn per rank, so a 1-process run samples other replies.)"""
+    model = save_tiny_model(tmp_path / "base", tiny_tokenizer, tiny_model_factory)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "messages": [
+        {"role": "user", "content": f"Tell me about ball {i}."}]}) + "\n" for i in range(32)))
+    common = [f"policy={model}", f"prompts={prompts}", "reward=keyword:e", "train.max_steps=3", "train.batch_size=4",
+              "rollout.max_new_tokens=8", "train.log_every=1", "log.tensorboard=false", "train.checkpoint_every=3",
+              "train.threads=1", "ppo.minibatch_size=2", "ppo.epochs=1", f"ppo.baseline={baseline}",
+              "ppo.samples_per_prompt=2"]
+    for strategy in ("ddp", "fsdp2"):
+        run(torchrun("ppo", "--out", str(tmp_path / strategy), *sets([*common, f"train.strategy={strategy}"])))
+    rows = {s: [json.loads(x) for x in (tmp_path / s / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
+            for s in ("ddp", "fsdp2")}
+    assert len(rows["ddp"]) == len(rows["fsdp2"]) == 3
+    for key in ("train/loss", "objective/kl", "objective/scores"):
+        a, b = [r[key] for r in rows["ddp"]], [r[key] for r in rows["fsdp2"]]
+        assert max(abs(x - y) for x, y in zip(a, b)) < TOL, (key, a, b)
+    assert rows["fsdp2"][-1]["objective/kl"] > 0  # the policy moved
+    meta = json.loads((tmp_path / "fsdp2" / "checkpoints" / "step-3" / "meta.json").read_text())
+    assert meta["format"] == "dcp" and meta["world_size"] == 2
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "model").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp2" / "model").state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4

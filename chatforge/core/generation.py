@@ -595,6 +595,9 @@ def _decode_steps(model: Any, prompts: list[list[int]], params: list[SamplingPar
     """
     row_params = [p for p in params for _ in range(num_samples)]
     n_new = max(p.max_new_tokens for p in row_params)
+    lockstep = _sharded_across_ranks(model)
+    if lockstep:  # every rank runs the longest rank's number of steps (each row still stops at its own limit)
+        n_new = _max_over_ranks(n_new, next(model.parameters()).device)
     width = max(len(p) for p in prompts)
     static = compile and uses_fast_path(model)
     total = -(-(width + n_new) // 64) * 64 if static else width + n_new
@@ -608,6 +611,8 @@ def _decode_steps(model: Any, prompts: list[list[int]], params: list[SamplingPar
     trackers = [_TextTracker(tokenizer, p.stop) if (p.stop or track_all) else None for p in row_params]
     state = _State(rows=rows, trackers=trackers)
     any_tracker = any(t is not None for t in trackers)
+    # lockstep: an FSDP2-sharded model all-gathers its weights in every forward, a collective, so every rank
+    # runs as many decode steps as the slowest one (finished ranks feed pads) and rows are not retired
 
     for step in range(n_new):
         rows = state.rows
@@ -625,14 +630,16 @@ def _decode_steps(model: Any, prompts: list[list[int]], params: list[SamplingPar
         rows.done |= hit | (rows.lengths >= rows.max_new)
         yield state
         n_done = int(rows.done.sum())  # the one host sync per step
-        if step == n_new - 1 or n_done == len(rows.done):
+        if step == n_new - 1 or (n_done == len(rows.done) and not lockstep):
+            break
+        if lockstep and not _any_rank_busy(n_done < len(rows.done), tok.device):
             break
         t = width + step
         if static:
             t_now = torch.tensor(t, device=tok.device)
             logits = compiled(tok[:, None], rows.step_mask, t_now, rows.positions[:, t : t + 1], cache)
             continue
-        if 2 * n_done >= len(rows.done):
+        if 2 * n_done >= len(rows.done) and not lockstep:
             keep = _retire(state, rows.done)
             cache.batch_select_indices(keep)
             tok, rows = tok[keep], state.rows
@@ -641,6 +648,22 @@ def _decode_steps(model: Any, prompts: list[list[int]], params: list[SamplingPar
                     use_cache=True, **cache_kwargs(model, cache))
         logits = out.logits[:, -1].float()
     _retire(state, torch.ones_like(state.rows.done))
+
+
+def _sharded_across_ranks(model: Any) -> bool:
+    from chatforge.core.distributed import is_sharded
+
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and is_sharded(model)
+
+
+def _max_over_ranks(value: int, device: torch.device) -> int:
+    t = torch.tensor([value], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _any_rank_busy(busy: bool, device: torch.device) -> bool:
+    return bool(_max_over_ranks(int(busy), device))
 
 
 def _push_text(trackers: list[_TextTracker | None], toks: list[int], active: list[bool],
@@ -674,7 +697,6 @@ def _to_generation(reply: _Reply, prompt: list[int], tokenizer: Any) -> Generati
                       finish_reason="stop" if reply.stopped else "length")
 
 
-@torch.inference_mode()
 def generate(model: Any, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], *,
              stop_token_ids: list[int], pad_id: int, tokenizer: Any = None, num_samples: int = 1,
              batch_size: int | None = None, compile: bool = False) -> list[list[Generation]]:
@@ -689,6 +711,15 @@ def generate(model: Any, prompts: list[list[int]], params: SamplingParams | list
     `compile=True` runs the decode steps as one torch.compile'd graph (models on the fast path; the first
     call per batch shape pays the compile, ~20 s on CPU): worth it for long sampling jobs on small models.
     """
+    # a sharded model's all-gather buffers outlive the call: inference tensors could not be reused in training
+    with torch.no_grad() if _sharded_across_ranks(model) else torch.inference_mode():
+        return _generate(model, prompts, params, stop_token_ids=stop_token_ids, pad_id=pad_id, tokenizer=tokenizer,
+                         num_samples=num_samples, batch_size=batch_size, compile=compile)
+
+
+def _generate(model: Any, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], *,
+              stop_token_ids: list[int], pad_id: int, tokenizer: Any, num_samples: int, batch_size: int | None,
+              compile: bool) -> list[list[Generation]]:
     if num_samples < 1:
         raise UserError(f"num_samples must be >= 1, got {num_samples}")
     if batch_size is not None and batch_size < 1:

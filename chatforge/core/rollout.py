@@ -291,11 +291,16 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(all_reduce_sum(torch.tensor([float(flag)], device=info.device), info).item() > 0)
 
 
+def _full(norm: torch.Tensor) -> float:
+    """A grad norm as a float; under FSDP2 the norm of sharded grads is a DTensor (reduced over ranks)."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
 def step_optimizers(groups: list[tuple[list[torch.nn.Parameter], torch.optim.Optimizer]], grad_clip: float,
                     loss: float, info: DistInfo) -> tuple[bool, list[float]]:
     """Clip each group's grads, then step all optimizers — or none, if the loss or any grad norm is
     non-finite on any rank. Grads are zeroed either way. Returns (stepped, grad norms)."""
-    norms = [float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
+    norms = [_full(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
              for params, _ in groups]
     bad = any_rank(not math.isfinite(loss) or not all(math.isfinite(n) for n in norms), info)
     for _, opt in groups:
@@ -458,8 +463,7 @@ class GoldMonitor:
         out = {"objective/gold": gold, "objective/proxy": proxy, "objective/gold_best": max(gold, self.best)}
         if gold > self.best:
             self.best, self.best_step = gold, step
-            if is_main:
-                save_model(bare, self.tok, self.best_dir)
+            save_model(bare, self.tok, self.best_dir, is_main)  # every rank: a sharded policy is gathered
         return out
 
     def state_dict(self) -> dict:

@@ -86,6 +86,16 @@ BASE_QUICK = DemoSizes(depth=0, pretrain_steps=0, sft_steps=6, demos_per_family=
                                                    "gold.prompts=tasks-heldout:1:977"))
 
 
+def _evaluated_kl(round_dir: Path) -> float | None:
+    """KL to the reference of the round's evaluated checkpoint (the best-gold one when kept), re-measured on the
+    eval prompts by its report; the run's final KL would describe the last iterate instead."""
+    path = round_dir / "report" / "report.json"
+    if not path.exists():
+        return None
+    models = json.loads(path.read_text(encoding="utf-8")).get("models", {})
+    return next((m["kl"]["eval"] for m in models.values() if (m.get("kl") or {}).get("eval") is not None), None)
+
+
 def _done(run_dir: Path) -> bool:
     m = read_manifest(run_dir) if run_dir.exists() else None
     return bool(m and m.get("status") == "completed")
@@ -204,7 +214,7 @@ def run(out: Path, quick: bool = False, base: str | None = None) -> dict:
     table = Table(title="held-out task-suite prompts: gold = the panel's utility without noise (primary), "
                         "panel = the noisy labelers the RM learned from")
     cols = ["model", "task accuracy (greedy)", "gold win vs SFT, sampled (95% CI)", "gold win vs SFT, greedy",
-            "panel win vs SFT, greedy", "KL to SFT"] + ([f"gold win vs {Path(base).name}, sampled"] if base else [])
+            "panel win vs SFT, greedy", "KL to SFT (eval)"] + ([f"gold win vs {Path(base).name}, sampled"] if base else [])
     for col in cols:
         table.add_column(col, justify="right" if col != "model" else "left")
     first = loop_summary["rounds"][0]
@@ -221,7 +231,9 @@ def run(out: Path, quick: bool = False, base: str | None = None) -> dict:
                  **({"vs_base": vb} if base else {})})
     for res in loop_summary["rounds"]:
         v = res["vs_sft"]
-        kl = res["policy_metrics"].get("final_kl", res["policy_metrics"].get("objective/kl"))
+        kl = _evaluated_kl(out / "loop" / f"round-{res['round']}")
+        if kl is None:  # no report: the run's own KL over its last iterations
+            kl = res["policy_metrics"].get("final_kl", res["policy_metrics"].get("objective/kl"))
         table.add_row(f"round {res['round']}" + (" (best-gold ckpt)" if str(res.get("policy", "")).endswith(
                           "best_gold") else ""), f"{v['accuracy_model']['all']['accuracy']:.3f}",
                       ci(gold(v, "sampled")), ci(gold(v, "greedy")), ci(v["win_rate"]),

@@ -185,15 +185,18 @@ def estimate(g: Geometry, p: PlanInput) -> list[Estimate]:
             cpu = 0.0
             if strategy == "fsdp2":
                 shard = 1 / p.gpus
+                # PPO keeps its reward model a whole replica on every rank (it only scores finished replies)
+                replica = n_params * 4 if p.stage == "ppo" else 0.0
+                sharded, copies = w_full - replica, base_copies - (1 if replica else 0)
                 if offload:
-                    cpu = (w_full + grads + opt) * shard
-                    w, grads, opt = layer_gathered * base_copies, 0.0, 0.0
+                    cpu = (sharded + grads + opt) * shard
+                    w, grads, opt = replica + layer_gathered * copies, 0.0, 0.0
                 else:
-                    w, grads, opt = w_full * shard + layer_gathered * base_copies, grads * shard, opt * shard
+                    w, grads, opt = sharded * shard + replica + layer_gathered * copies, grads * shard, opt * shard
             else:
                 w = w_full
             note = ""
-            supported = not (rl and strategy == "fsdp2")
+            supported = not (p.stage == "grpo" and strategy == "fsdp2")
             if not supported:
                 note = f"{p.stage} runs under single/ddp only today (train.strategy=fsdp2 is refused)"
             e = Estimate(strategy, offload, ckpt, w / GIB, grads / GIB, opt / GIB, acts / GIB, kv / GIB,

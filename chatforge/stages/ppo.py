@@ -65,8 +65,9 @@ from chatforge.core.distributed import (
     cleanup_distributed,
     grad_sync,
     init_distributed,
-    require_replicated,
+    resolve_strategy,
     wrap_ddp,
+    wrap_model,
 )
 from chatforge.core.io import UserError
 from chatforge.core.log import print0
@@ -333,7 +334,7 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
 
     check_config(cfg)
     info = init_distributed(cfg.train.device)
-    require_replicated(cfg.train, info, "PPO")  # bad strategy: an error before any work
+    strategy = resolve_strategy(cfg.train, info)  # bad strategy: an error before any work
     set_threads(cfg.train)
     out = Path(out)
     try:
@@ -372,9 +373,19 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
         prompts, prompt_ids = keep_scorable(reward, prompts, prompt_ids)
         stream = PromptStream(len(prompts), cfg.train.batch_size // k, cfg.train.seed, info.rank, info.world_size)
 
-        # ---------------------------------------------------------------- optimizers, KL controller, ptx
-        ddp_policy = wrap_ddp(policy, info)
-        ddp_critic = wrap_ddp(critic, info) if critic is not None else None
+        # ---------------------------------------------------------------- strategy, optimizers, KL controller, ptx
+        if strategy == "fsdp2":  # policy and critic sharded and trained, the reference sharded (frozen); the RM
+            # stays a replica (it only scores finished replies, so its forwards need not be in step)
+            ddp_policy = wrap_model(policy, info, cfg.train)
+            ddp_critic = wrap_model(critic, info, cfg.train) if critic is not None else None
+            if ref is not None:
+                ref = wrap_model(ref, info, cfg.train, trainable=False)
+            # fully_shard swaps each parameter for a sharded DTensor: the optimizers take the new ones
+            policy_params = [p for p in policy.parameters() if p.requires_grad]
+            critic_params = [p for p in critic.parameters() if p.requires_grad] if critic is not None else []
+        else:
+            ddp_policy = wrap_ddp(policy, info)
+            ddp_critic = wrap_ddp(critic, info) if critic is not None else None
         policy_opt = make_optimizer(policy_params, cfg.train, info.device)
         policy_sched = make_scheduler(policy_opt, cfg.train)
         groups = [(policy_params, policy_opt)]
