@@ -196,9 +196,10 @@ def estimate(g: Geometry, p: PlanInput) -> list[Estimate]:
             else:
                 w = w_full
             note = ""
-            supported = not (p.stage == "grpo" and strategy == "fsdp2")
+            supported = not (strategy == "fsdp2" and (p.stage == "grpo" or p.gpus == 1))
             if not supported:
-                note = f"{p.stage} runs under single/ddp only today (train.strategy=fsdp2 is refused)"
+                note = ("train.strategy=fsdp2 needs several processes (torchrun); it is refused on one GPU"
+                        if p.gpus == 1 else f"{p.stage} runs under single/ddp only today (train.strategy=fsdp2 is refused)")
             e = Estimate(strategy, offload, ckpt, w / GIB, grads / GIB, opt / GIB, acts / GIB, kv / GIB,
                          cpu / GIB, supported, note)
             e.fits = supported and e.total <= p.gpu_mem_gb
