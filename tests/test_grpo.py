@@ -1,10 +1,13 @@
-"""GRPO: the loss (group advantages, clipped ratio, k3 KL term), the reward goes up, LoRA + KL, task rewards."""
+"""GRPO: the loss (group advantages, clipped ratio, k3 KL term), the reward goes up, LoRA + KL, task rewards,
+exact resume after SIGKILL."""
 
 import json
+import os
+import sys
 
 import pytest
 import torch
-from helpers import save_tiny_model
+from helpers import assert_resumed, run_killed_then_resumed, save_tiny_model
 
 from chatforge.config import GRPOConfig, LoraConfig, load_config
 from chatforge.core.io import UserError
@@ -76,6 +79,27 @@ def test_grpo_raises_toy_reward(setup, tmp_path):
     for key in ("objective/entropy", "policy/clipfrac", "grpo/reward_std", "grpo/frac_zero_std", "grpo/reply_length"):
         assert key in rows[-1], key
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stage"] == "grpo"
+
+
+RUN_GRPO = ("import sys; from chatforge.config import GRPOConfig, load_config; from chatforge.stages.grpo import run; "
+            "run(load_config(GRPOConfig, None, sys.argv[2:]), sys.argv[1])")
+
+
+def test_grpo_exact_resume_after_sigkill(setup, tmp_path):
+    from chatforge.stages import grpo
+
+    model_dir, prompts = setup
+    sets = [s for s in _sets(model_dir, prompts, 6) if not s.startswith("train.checkpoint_every")]
+    sets += ["train.checkpoint_every=3"]
+    ref = tmp_path / "ref"
+    grpo.run(load_config(GRPOConfig, None, sets), ref)  # uninterrupted, in this process
+    out = tmp_path / "killed"
+    r = run_killed_then_resumed([sys.executable, "-c", RUN_GRPO, str(out), *sets], out, 3,
+                                {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"})
+    assert assert_resumed(r, out, 3) < 6  # resumed from the killed run's checkpoint, not retrained
+    assert (ref / "model" / "model.safetensors").read_bytes() == (out / "model" / "model.safetensors").read_bytes()
+    state = torch.load(out / "checkpoints" / "step-6" / "state.pt", weights_only=False)
+    assert state["prompts"]["cursor"] + 24 * state["prompts"]["epoch"] == 6 * 4, "the prompt position was restored"
 
 
 def test_grpo_lora_with_kl_to_adapters_off(setup, tmp_path):

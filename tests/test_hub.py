@@ -273,10 +273,20 @@ def test_hub_id_without_network_fails_fast_and_clearly(home, monkeypatch):
         hub.resolve_model("someone/some-model")
     monkeypatch.delenv("HF_HUB_OFFLINE")
     # A repo that does not exist: offline -> "no network", online -> "not found"; never a download.
-    t0 = time.time()
+    # Fast without timing it: one snapshot_download call, with the short etag timeout passed explicitly.
+    import huggingface_hub
+
+    calls = []
+    real = huggingface_hub.snapshot_download
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", counted)
     with pytest.raises(UserError, match="hub model 'chatforge-test/no-such-repo-3f9a'"):
         hub.resolve_model("chatforge-test/no-such-repo-3f9a")
-    assert time.time() - t0 < 30
+    assert len(calls) == 1 and calls[0]["etag_timeout"] == hub.HUB_TIMEOUT_S <= 10, calls
     assert _cache_entries(home) == []
 
 

@@ -2,14 +2,19 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from helpers import TINY, make_data_dir, torchrun
+from helpers import (
+    TINY,
+    assert_ranks_disjoint_and_in_sync,
+    assert_resumed,
+    make_data_dir,
+    run_killed_then_resumed,
+    torchrun,
+)
 
 CLI = [sys.executable, "-m", "chatforge.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "1"}
@@ -51,18 +56,8 @@ def test_exact_resume_after_sigkill(data_dir, tmp_path):
     assert r.returncode == 0, r.stderr
 
     out = tmp_path / "killed"
-    p = subprocess.Popen(_args(out, data_dir, steps), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step-10" / "meta.json").exists():
-        assert p.poll() is None and time.time() < deadline, "run ended before its first checkpoints"
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert p.returncode == -signal.SIGKILL
-    assert not (out / "model").exists(), "killed too late to test resume"
-    r = subprocess.run(_args(out, data_dir, steps), env=ENV, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    assert "resumed from" in r.stdout
+    r = run_killed_then_resumed(_args(out, data_dir, steps), out, 10, ENV)
+    assert assert_resumed(r, out, 10) < steps  # resumed from the killed run's checkpoint, not retrained
     a = (ref / "model" / "model.safetensors").read_bytes()
     b = (out / "model" / "model.safetensors").read_bytes()
     assert a == b, "resumed run's final weights differ from the uninterrupted run"
@@ -78,12 +73,15 @@ def test_checkpoint_from_another_config_is_refused(data_dir, tmp_path):
 
 def test_torchrun_two_processes(data_dir, tmp_path):
     out = tmp_path / "ddp"
-    cmd = torchrun(*_args(out, data_dir, 10)[3:])
+    cmd = torchrun(*_args(out, data_dir, 10)[3:], probe=True)
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     man = json.loads((out / "manifest.json").read_text())
     assert man["status"] == "completed"
-    # each rank read its own slice: a global step consumed 2 x batch_size windows
+    # every rank read its own windows (none twice, by any rank) and the ranks hold the same weights
+    recs = assert_ranks_disjoint_and_in_sync(out, steps=10)
+    assert all(len(idx) == 4 for rec in recs.values() for _, _, idx in rec["batches"])
+    # the position all ranks share: a global step consumed 2 x batch_size windows
     state = torch.load(out / "checkpoints" / "step-10" / "state.pt", weights_only=False)
     assert state["data"]["cursor"] == 10 * 2 * 4
     assert sorted(p.name for p in (out / "checkpoints" / "step-10").glob("rng-rank*.pt")) == \

@@ -10,7 +10,13 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import run_killed_then_resumed, save_tiny_model
+from helpers import (
+    assert_ranks_disjoint_and_in_sync,
+    assert_resumed,
+    run_killed_then_resumed,
+    save_tiny_model,
+    torchrun,
+)
 
 from chatforge.config import RMConfig, load_config
 from chatforge.core.io import DataError, UserError
@@ -290,8 +296,24 @@ def test_rm_exact_resume_after_sigkill(rm_setup, tmp_path):
     out = tmp_path / "killed"
     r = run_killed_then_resumed(_cli(base, data, out, 30), out, 10, env)
     assert r.returncode == 0, r.stderr
+    assert assert_resumed(r, out, 10) < 30  # resumed from the killed run's checkpoint, not retrained
     assert (ref / "model" / "model.safetensors").read_bytes() == (out / "model" / "model.safetensors").read_bytes()
     assert (ref / "model" / "reward_norm.json").read_text() == (out / "model" / "reward_norm.json").read_text()
+
+
+def test_rm_under_torchrun_two_processes(rm_setup, tmp_path):
+    """DDP: each rank scores its own comparisons of every global batch; the ranks end with the same weights."""
+    base, data = rm_setup
+    out = tmp_path / "ddp"
+    cmd = torchrun(*_cli(base, data, out, 3)[3:], probe=True)
+    r = subprocess.run(cmd, env={**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "manifest.json").read_text())["status"] == "completed"
+    recs = assert_ranks_disjoint_and_in_sync(out, steps=3)
+    assert all(len(idx) == 4 for rec in recs.values() for _, _, idx in rec["batches"])
+    state = torch.load(out / "checkpoints" / "step-3" / "state.pt", weights_only=False)
+    assert state["data"]["cursor"] == 3 * 2 * 4
 
 
 BAD = {

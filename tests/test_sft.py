@@ -7,7 +7,13 @@ import sys
 
 import pytest
 import torch
-from helpers import run_killed_then_resumed, save_tiny_model
+from helpers import (
+    assert_ranks_disjoint_and_in_sync,
+    assert_resumed,
+    run_killed_then_resumed,
+    save_tiny_model,
+    torchrun,
+)
 
 from chatforge.core.tokenizer import IGNORE_INDEX, render_conversation
 from chatforge.data.sft_data import collate, pack, render_examples, token_losses
@@ -114,7 +120,29 @@ def test_sft_exact_resume_and_loss_drops(sft_setup, tmp_path):
     out = tmp_path / "killed"
     r = run_killed_then_resumed(_sft_cmd(model_dir, data, out, 40), out, 10, env)
     assert r.returncode == 0, r.stderr
+    assert assert_resumed(r, out, 10) < 40  # resumed from the killed run's checkpoint, not retrained
     assert (ref / "model" / "model.safetensors").read_bytes() == (out / "model" / "model.safetensors").read_bytes()
+
+
+def test_sft_under_torchrun_two_processes(sft_setup, tmp_path):
+    """DDP: each rank trains on its own rows of every global batch; the ranks end with the same weights."""
+    model_dir, data = sft_setup
+    out = tmp_path / "ddp"
+    cmd = torchrun(*_sft_cmd(model_dir, data, out, 3)[3:], probe=True)
+    r = subprocess.run(cmd, env={**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "manifest.json").read_text())["status"] == "completed"
+    recs = assert_ranks_disjoint_and_in_sync(out, steps=3)
+    assert all(len(idx) == 4 for rec in recs.values() for _, _, idx in rec["batches"])
+    # the position all ranks share: 2 x batch_size packed rows a step, a new epoch when a step no longer fits
+    data = torch.load(out / "checkpoints" / "step-3" / "state.pt", weights_only=False)["data"]
+    epoch, cursor, epochs = 0, 0, []
+    for _ in range(3):
+        epoch, cursor = (epoch + 1, 0) if cursor + 8 > data["n"] else (epoch, cursor)
+        cursor, epochs = cursor + 8, [*epochs, epoch]
+    assert (data["epoch"], data["cursor"]) == (epoch, cursor)
+    assert [b[1] for b in recs[0]["batches"]] == [b[1] for b in recs[1]["batches"]] == epochs
 
 
 def test_sft_lora_exports_plain_model(sft_setup, tmp_path):
