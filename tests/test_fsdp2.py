@@ -244,3 +244,33 @@ def test_ppo_fsdp2_matches_ddp(baseline, tiny_tokenizer, tiny_model_factory, tmp
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "model").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp2" / "model").state_dict()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
+def test_fsdp2_exact_resume_after_sigkill(pretrain_runs, tmp_path):
+    """SIGKILL the whole 2-process FSDP2 job (launcher and ranks) once its step-3 checkpoint is committed; the
+    rerun resumes from it and ends where the uninterrupted run ended (per-step losses and final weights)."""
+    import signal
+    import time
+
+    from helpers import assert_resumed
+
+    root, common = pretrain_runs
+    out = tmp_path / "killed"
+    cmd = torchrun("pretrain", "--out", str(out), *sets([*common, "train.batch_size=2", "train.strategy=fsdp2"]))
+    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-3" / "meta.json").exists():
+        assert p.poll() is None and time.time() < deadline, "the run ended before its checkpoint"
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGKILL)  # the launcher and both ranks, at once
+    p.wait()
+    assert not (out / "model").exists(), "killed too late to test resume"
+    r = run(cmd)
+    assert assert_resumed(r, out, 3) >= 3
+    full, again = losses(root / "fsdp2"), losses(out)
+    assert len(again) >= 6 and max(abs(a - b) for a, b in zip(full[-3:], again[-3:])) < TOL, (full, again)
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(root / "fsdp2" / "model").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
