@@ -322,3 +322,26 @@ def test_task_reassigned_or_deleted_mid_labeling_says_so(env):
     assert r.status_code == 404 and ("deleted" in r.text or "reassigned" in r.text)
     with sm() as db:
         assert db.scalar(select(func.count()).select_from(Ranking)) == 0
+
+
+def test_a_labeler_never_ranks_their_own_demonstration(env):
+    app, sm = env
+    rows = [json.loads(x) for x in task_lines(2, 3).splitlines()]
+    rows[0]["responses"][1]["policy"] = "human:ann"  # ann wrote one of task t0's replies
+    adm = client(app)
+    assert import_campaign(adm, login(adm, "admin"), "\n".join(json.dumps(r) for r in rows) + "\n",
+                           overlap=2).status_code == 200
+    c = client(app)
+    login(c, "ann")
+    seen = []
+    for _ in range(3):
+        page, url = open_task(c)
+        if url is None:
+            break
+        seen.append(re.search(r"question (\d)", c.get(url).text).group(1))
+        assert _rank(c, url, "A, B, C")[0].status_code == 303
+    assert seen == ["1"], seen  # t1 only; t0 holds her own reply
+    b = client(app)
+    login(b, "bob")
+    _, url = open_task(b)
+    assert url is not None  # t0 is still open to everyone else

@@ -293,3 +293,27 @@ def test_payloads_in_prompts_replies_comments_and_names_never_run(browser, serve
     admin.screenshot(path=str(shots / "campaign-payloads.png"), full_page=True)
     assert dialogs == []
     admin.context.close()
+
+
+def test_rank_by_dragging_replies(browser, server):
+    base, sm = server
+    seed_campaign(sm, task_lines(1, 4))
+    page = browser.new_context(viewport={"width": 1100, "height": 900}).new_page()
+    browser_login(page, base, "ann")
+    page.goto(base + "/app/rank")
+    card = {letter: f"#reply-{letter}" for letter in "ABCD"}
+    page.drag_and_drop(card["D"], card["A"])  # A not placed yet: D goes last (first)
+    assert page.input_value("#ranking") == "D"
+    page.drag_and_drop(card["B"], card["D"])  # B just above D
+    page.drag_and_drop(card["C"], card["D"])  # C between B and D
+    page.drag_and_drop(card["A"], card["B"])  # A to the top
+    assert page.input_value("#ranking") == "A, B, C, D"
+    page.drag_and_drop(card["D"], card["A"])  # D moved from the bottom to the top
+    assert page.input_value("#ranking") == "D, A, B, C"
+    with page.expect_navigation():
+        page.click("button[value=submit]")
+    with sm() as db:
+        r = db.scalar(select(Ranking))
+        shown = db.get(Assignment, r.assignment_id).shown_order
+    assert r.ranking == [[shown[3]], [shown[0]], [shown[1]], [shown[2]]]
+    page.context.close()

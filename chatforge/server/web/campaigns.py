@@ -54,6 +54,13 @@ def import_tasks(db: Session, campaign: Campaign, tasks: list[RankTask | Ranking
     return len(tasks)
 
 
+def authored_by(task: dict, username: str) -> bool:
+    """True when one of the task's replies is this person's own writing: a reply whose `policy` is
+    `human:<username>` (a demonstration entered as a reply) or a task whose meta names them as `author`."""
+    return (task.get("meta") or {}).get("author") == username or any(
+        r.get("policy") == f"human:{username}" for r in task.get("responses", []))
+
+
 def next_assignment(db: Session, user: User, campaign_id: str | None = None) -> Assignment | None:
     """The labeler's open assignment, else a new one on a task with fewer than `overlap` labelers that
     this labeler never had. The reply order shown is shuffled per labeler and stored."""
@@ -67,7 +74,8 @@ def next_assignment(db: Session, user: User, campaign_id: str | None = None) -> 
              .group_by(Assignment.task_id).subquery())
     had = select(Assignment.task_id).where(Assignment.user_id == user.id)
     tried: list[str] = []
-    for _ in range(20):  # a task another labeler filled at the same moment: take the next one
+    races = 0
+    while races < 20:  # a task another labeler filled at the same moment: take the next one
         q = (select(RankTask).join(Campaign).outerjoin(taken, taken.c.task_id == RankTask.id)
              .where(func.coalesce(taken.c.n, 0) < Campaign.overlap, RankTask.id.not_in(had),
                     RankTask.id.not_in(tried))
@@ -78,6 +86,9 @@ def next_assignment(db: Session, user: User, campaign_id: str | None = None) -> 
         if task is None:
             return None
         tried.append(task.id)
+        if authored_by(task.data, user.username):  # never rank your own demonstration
+            continue
+        races += 1
         # PostgreSQL: lock the task row so concurrent takers of it queue here (SQLite ignores FOR UPDATE; its
         # insert below holds the database's write lock instead). Then count again, after our insert.
         db.scalars(select(RankTask.id).where(RankTask.id == task.id).with_for_update()).first()

@@ -1,6 +1,6 @@
 // Keyboard ranking: on the page (outside text fields) a letter appends that reply to the ranking,
 // "=" ties the next one with the last, Backspace removes the last, Enter submits once every reply is
-// placed. The text field stays the truth.
+// placed; or drag a reply onto another. The text field stays the truth.
 "use strict";
 (function () {
   const input = document.getElementById("ranking");
@@ -47,6 +47,24 @@
       input.form.requestSubmit(input.form.querySelector('button[value="submit"]'));
       e.preventDefault();
     }
+  });
+  // Drag: drop reply X on reply Y to rank X just above Y (or last, while Y is not placed yet)
+  let dragged = null;
+  letters.forEach(l => {
+    const card = document.getElementById("reply-" + l);
+    card.draggable = true;
+    card.addEventListener("dragstart", e => { dragged = l; e.dataTransfer.setData("text/plain", l); });
+    card.addEventListener("dragover", e => e.preventDefault());
+    card.addEventListener("drop", e => {
+      e.preventDefault();
+      const x = dragged || e.dataTransfer.getData("text/plain");
+      dragged = null;
+      if (!letters.includes(x) || x === l) return;
+      const gs = groups().map(g => g.filter(y => y !== x)).filter(g => g.length);
+      const at = gs.findIndex(g => g.includes(l));
+      if (at >= 0) gs.splice(at, 0, [x]); else gs.push([x]);
+      write(gs);
+    });
   });
   input.addEventListener("input", render);
   render();
