@@ -215,10 +215,11 @@ def test_sharded_generation_runs_in_lockstep_and_equals_the_plain_model(tiny_tok
     assert max(len(t) for grp in json.loads((tmp_path / "rank1.json").read_text())["sharded"] for t in grp) > 2
 
 
-@pytest.mark.parametrize("baseline", ["critic", "rloo"])
-def test_ppo_fsdp2_matches_ddp(baseline, tiny_tokenizer, tiny_model_factory, tmp_path):
-    """PPO with policy, critic and reference sharded (the reward replicated) takes the steps DDP takes with the
-    same 2 ranks, seeds and prompts: the same per-step losses, KL and scores; the final model/ is plain.
+@pytest.mark.parametrize("stage,baseline", [("ppo", "critic"), ("ppo", "rloo"), ("grpo", None)])
+def test_rl_fsdp2_matches_ddp(stage, baseline, tiny_tokenizer, tiny_model_factory, tmp_path):
+    """PPO with policy, critic and reference sharded (the reward replicated), and GRPO with policy and reference
+    sharded, take the steps DDP takes with the same 2 ranks, seeds and prompts: the same per-step losses, KL and
+    scores; the final model/ is plain.
     (Against DDP, not one process: rollout seeds are drawn per rank, so a 1-process run samples other replies.)"""
     model = save_tiny_model(tmp_path / "base", tiny_tokenizer, tiny_model_factory)
     prompts = tmp_path / "prompts.jsonl"
@@ -226,10 +227,11 @@ def test_ppo_fsdp2_matches_ddp(baseline, tiny_tokenizer, tiny_model_factory, tmp
         {"role": "user", "content": f"Tell me about ball {i}."}]}) + "\n" for i in range(32)))
     common = [f"policy={model}", f"prompts={prompts}", "reward=keyword:e", "train.max_steps=3", "train.batch_size=4",
               "rollout.max_new_tokens=8", "train.log_every=1", "log.tensorboard=false", "train.checkpoint_every=3",
-              "train.threads=1", "ppo.minibatch_size=2", "ppo.epochs=1", f"ppo.baseline={baseline}",
-              "ppo.samples_per_prompt=2"]
+              "train.threads=1"]
+    common += (["ppo.minibatch_size=2", "ppo.epochs=1", f"ppo.baseline={baseline}", "ppo.samples_per_prompt=2"]
+               if stage == "ppo" else ["grpo.group_size=2", "grpo.minibatch_size=4", "grpo.beta=0.05"])
     for strategy in ("ddp", "fsdp2"):
-        run(torchrun("ppo", "--out", str(tmp_path / strategy), *sets([*common, f"train.strategy={strategy}"])))
+        run(torchrun(stage, "--out", str(tmp_path / strategy), *sets([*common, f"train.strategy={strategy}"])))
     rows = {s: [json.loads(x) for x in (tmp_path / s / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
             for s in ("ddp", "fsdp2")}
     assert len(rows["ddp"]) == len(rows["fsdp2"]) == 3

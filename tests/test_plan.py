@@ -56,7 +56,6 @@ def test_rl_stages_count_their_models_and_kv_cache():
     assert ppo.kv_cache > 0 and sft.kv_cache == 0
     lora = estimate(g, PlanInput(stage="ppo", lora=True, shared_critic=True))[0]
     assert lora.weights < 2.1 * sft.weights and lora.optimizer < sft.optimizer / 50
-    assert all(not e.supported and not e.fits for e in estimate(g, PlanInput(stage="grpo")) if e.strategy == "fsdp2")
     # PPO under fsdp2: everything sharded but the reward model, a whole replica on each rank
     one, eight = (next(e for e in estimate(g, PlanInput(stage="ppo", gpus=n)) if e.strategy == "fsdp2"
                        and not e.offload and not e.checkpointing) for n in (2, 16))

@@ -114,19 +114,6 @@ def resolve_strategy(cfg: Any, info: DistInfo) -> str:
     return s
 
 
-def require_replicated(cfg: Any, info: DistInfo, stage: str) -> str:
-    """For stages whose ranks run different numbers of forwards (RL rollouts generate replies of different
-    lengths per rank): FSDP2 is refused, since every forward of a sharded model is a collective."""
-    from chatforge.core.io import UserError
-
-    s = resolve_strategy(cfg, info)
-    if s == "fsdp2":
-        raise UserError(f"train.strategy=fsdp2 is not available for {stage} yet: its rollouts generate a different "
-                        "number of tokens on each rank, and every forward of a sharded model is a collective; "
-                        "use train.strategy=ddp (the policy, critic and frozen models are replicated)")
-    return s
-
-
 def check_offload_memory(model: torch.nn.Module, cfg: Any, info: DistInfo) -> None:
     """CPU offload keeps this rank's shard of fp32 params, grads and two AdamW moments in host RAM:
     refuse when the host cannot hold it (every local rank shares the same RAM)."""

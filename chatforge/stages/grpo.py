@@ -37,8 +37,9 @@ from chatforge.core.distributed import (
     cleanup_distributed,
     grad_sync,
     init_distributed,
-    require_replicated,
+    resolve_strategy,
     wrap_ddp,
+    wrap_model,
 )
 from chatforge.core.io import UserError
 from chatforge.core.log import print0
@@ -122,7 +123,7 @@ def run(cfg: GRPOConfig, out: Path, resume: bool = True) -> dict:
 
     check_config(cfg)
     info = init_distributed(cfg.train.device)
-    require_replicated(cfg.train, info, "GRPO")  # bad strategy: an error before any work
+    strategy = resolve_strategy(cfg.train, info)  # bad strategy: an error before any work
     set_threads(cfg.train)
     out = Path(out)
     try:
@@ -142,7 +143,12 @@ def run(cfg: GRPOConfig, out: Path, resume: bool = True) -> dict:
         stream = PromptStream(len(prompts), cfg.train.batch_size, cfg.train.seed, info.rank, info.world_size)
 
         # ---------------------------------------------------------------- optimizer
-        ddp_policy = wrap_ddp(policy, info)
+        if strategy == "fsdp2":  # the policy sharded and trained, the reference sharded; the reward a replica
+            ddp_policy = wrap_model(policy, info, cfg.train)
+            if ref is not None:
+                ref = wrap_model(ref, info, cfg.train, trainable=False)
+        else:
+            ddp_policy = wrap_ddp(policy, info)
         opt = make_optimizer(policy.parameters(), cfg.train, info.device)
         sched = make_scheduler(opt, cfg.train)
         params = [p for p in policy.parameters() if p.requires_grad]

@@ -185,8 +185,8 @@ def estimate(g: Geometry, p: PlanInput) -> list[Estimate]:
             cpu = 0.0
             if strategy == "fsdp2":
                 shard = 1 / p.gpus
-                # PPO keeps its reward model a whole replica on every rank (it only scores finished replies)
-                replica = n_params * 4 if p.stage == "ppo" else 0.0
+                # PPO and GRPO keep a reward model a whole replica on every rank (it only scores finished replies)
+                replica = n_params * 4 if rl else 0.0
                 sharded, copies = w_full - replica, base_copies - (1 if replica else 0)
                 if offload:
                     cpu = (sharded + grads + opt) * shard
@@ -196,10 +196,9 @@ def estimate(g: Geometry, p: PlanInput) -> list[Estimate]:
             else:
                 w = w_full
             note = ""
-            supported = not (strategy == "fsdp2" and (p.stage == "grpo" or p.gpus == 1))
+            supported = not (strategy == "fsdp2" and p.gpus == 1)
             if not supported:
-                note = ("train.strategy=fsdp2 needs several processes (torchrun); it is refused on one GPU"
-                        if p.gpus == 1 else f"{p.stage} runs under single/ddp only today (train.strategy=fsdp2 is refused)")
+                note = "train.strategy=fsdp2 needs several processes (torchrun); it is refused on one GPU"
             e = Estimate(strategy, offload, ckpt, w / GIB, grads / GIB, opt / GIB, acts / GIB, kv / GIB,
                          cpu / GIB, supported, note)
             e.fits = supported and e.total <= p.gpu_mem_gb
