@@ -70,3 +70,23 @@ def test_bench_model_quick_on_a_model_dir(tiny_tokenizer, tiny_model_factory, tm
         assert res[key]["tokens_per_sec"] > 0 and 0 < res[key]["mfu"] < 1 and math.isfinite(res[key]["final_loss"])
     assert res["rm_lora"]["pairs_per_sec"] > 0 and 0 < res["rm_lora"]["mfu"] < 1
     assert res["ppo_lora"]["seconds_per_iteration"] > 0 and res["ppo_lora"]["mean_reply_tokens"] > 0
+
+
+def test_bench_pretrain_gpu_peak_lookup_and_clear_device_errors():
+    import pytest
+    import torch
+
+    from chatforge.bench.pretrain import gpu_bf16_peak, run
+    from chatforge.core.io import UserError
+
+    assert gpu_bf16_peak("NVIDIA H100 80GB HBM3") == 989.4e12  # SXM
+    assert gpu_bf16_peak("NVIDIA H100 PCIe") == 756.0e12  # not the SXM figure
+    assert gpu_bf16_peak("NVIDIA A100-SXM4-80GB") == 312.0e12
+    assert gpu_bf16_peak("Some Future GPU") is None  # then the measured bf16 GEMM is the reference
+    with pytest.raises(UserError, match="choose cpu or cuda"):
+        run(quick=True, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            run(quick=True, device="cuda")
+    r = run(quick=True, device="cpu", steps=2)
+    assert r["mfu_against"] == "measured fp32 GEMM" and 0 < r["mfu"] < 1 and r["tokens_per_sec"] > 0
