@@ -167,6 +167,19 @@ def rank_probe(argv: list[str]) -> None:
     main()
 
 
+def run_probed(args: list[str], out: Path, steps: int, env: dict | None = None) -> dict[int, dict]:
+    """Run `chatforge ARGS` as 2 probed torchrun ranks (see `torchrun(..., probe=True)`); it must complete, every
+    rank read its own slice and the ranks end in sync (`assert_ranks_disjoint_and_in_sync`). Returns the records."""
+    import os
+    import subprocess
+
+    env = env or {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(torchrun(*args, probe=True), env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "manifest.json").read_text())["status"] == "completed"
+    return assert_ranks_disjoint_and_in_sync(out, steps=steps)
+
+
 def assert_ranks_disjoint_and_in_sync(out: Path, steps: int, nproc: int = 2) -> dict[int, dict]:
     """What `torchrun(..., probe=True)` recorded: every rank ran STEPS steps; within an epoch no item of a
     loader was read twice, by any rank (each rank had its own slice of every global batch); the ranks'

@@ -8,12 +8,11 @@ import sys
 import pytest
 import torch
 from helpers import (
-    assert_ranks_disjoint_and_in_sync,
     assert_resumed,
     make_data_dir,
     run_killed_then_resumed,
+    run_probed,
     save_tiny_model,
-    torchrun,
 )
 
 from chatforge.config import LoraConfig, PPOConfig, load_config
@@ -334,8 +333,6 @@ def test_ppo_with_critic_adapter_on_one_frozen_base(setup, tmp_path):
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
 def test_rl_under_torchrun_two_processes(setup, tmp_path, stage):
     """Rollouts are sharded: each rank draws its own prompts; only rank 0 writes."""
-    import os
-    import subprocess
 
     root, model_dir, prompts = setup
     out = tmp_path / stage
@@ -344,14 +341,9 @@ def test_rl_under_torchrun_two_processes(setup, tmp_path, stage):
             "train.checkpoint_every=2", "train.threads=1"]
     sets += ["ppo.minibatch_size=2", "ppo.epochs=1"] if stage == "ppo" else ["grpo.group_size=2",
                                                                            "grpo.minibatch_size=4"]
-    cmd = torchrun(stage, "--out", str(out), *sum([["--set", s] for s in sets], []), probe=True)
-    r = subprocess.run(cmd, env={**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((out / "manifest.json").read_text())["status"] == "completed"
+    # each rank drew its own prompts (none twice, by any rank); the ranks end with the same policy (and critic)
+    recs = run_probed([stage, "--out", str(out), *sum([["--set", s] for s in sets], [])], out, steps=2)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
-    # each rank drew its own prompts (none twice, by any rank); the ranks end with the same policy (and critic)
-    recs = assert_ranks_disjoint_and_in_sync(out, steps=2)
     assert {b[0] for rec in recs.values() for b in rec["batches"]} == {"prompts"}
     assert all(len(idx) == 4 for rec in recs.values() for _, _, idx in rec["batches"])

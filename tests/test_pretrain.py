@@ -9,11 +9,10 @@ import pytest
 import torch
 from helpers import (
     TINY,
-    assert_ranks_disjoint_and_in_sync,
     assert_resumed,
     make_data_dir,
     run_killed_then_resumed,
-    torchrun,
+    run_probed,
 )
 
 CLI = [sys.executable, "-m", "chatforge.cli"]
@@ -73,13 +72,8 @@ def test_checkpoint_from_another_config_is_refused(data_dir, tmp_path):
 
 def test_torchrun_two_processes(data_dir, tmp_path):
     out = tmp_path / "ddp"
-    cmd = torchrun(*_args(out, data_dir, 10)[3:], probe=True)
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    man = json.loads((out / "manifest.json").read_text())
-    assert man["status"] == "completed"
     # every rank read its own windows (none twice, by any rank) and the ranks hold the same weights
-    recs = assert_ranks_disjoint_and_in_sync(out, steps=10)
+    recs = run_probed(_args(out, data_dir, 10)[3:], out, steps=10, env=ENV)
     assert all(len(idx) == 4 for rec in recs.values() for _, _, idx in rec["batches"])
     # the position all ranks share: a global step consumed 2 x batch_size windows
     state = torch.load(out / "checkpoints" / "step-10" / "state.pt", weights_only=False)

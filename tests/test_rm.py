@@ -11,11 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
-    assert_ranks_disjoint_and_in_sync,
     assert_resumed,
     run_killed_then_resumed,
+    run_probed,
     save_tiny_model,
-    torchrun,
 )
 
 from chatforge.config import RMConfig, load_config
@@ -305,12 +304,7 @@ def test_rm_under_torchrun_two_processes(rm_setup, tmp_path):
     """DDP: each rank scores its own comparisons of every global batch; the ranks end with the same weights."""
     base, data = rm_setup
     out = tmp_path / "ddp"
-    cmd = torchrun(*_cli(base, data, out, 3)[3:], probe=True)
-    r = subprocess.run(cmd, env={**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((out / "manifest.json").read_text())["status"] == "completed"
-    recs = assert_ranks_disjoint_and_in_sync(out, steps=3)
+    recs = run_probed(_cli(base, data, out, 3)[3:], out, steps=3)
     assert all(len(idx) == 4 for rec in recs.values() for _, _, idx in rec["batches"])
     state = torch.load(out / "checkpoints" / "step-3" / "state.pt", weights_only=False)
     assert state["data"]["cursor"] == 3 * 2 * 4

@@ -8,11 +8,10 @@ import sys
 import pytest
 import torch
 from helpers import (
-    assert_ranks_disjoint_and_in_sync,
     assert_resumed,
     run_killed_then_resumed,
+    run_probed,
     save_tiny_model,
-    torchrun,
 )
 
 from chatforge.core.tokenizer import IGNORE_INDEX, render_conversation
@@ -128,12 +127,7 @@ def test_sft_under_torchrun_two_processes(sft_setup, tmp_path):
     """DDP: each rank trains on its own rows of every global batch; the ranks end with the same weights."""
     model_dir, data = sft_setup
     out = tmp_path / "ddp"
-    cmd = torchrun(*_sft_cmd(model_dir, data, out, 3)[3:], probe=True)
-    r = subprocess.run(cmd, env={**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((out / "manifest.json").read_text())["status"] == "completed"
-    recs = assert_ranks_disjoint_and_in_sync(out, steps=3)
+    recs = run_probed(_sft_cmd(model_dir, data, out, 3)[3:], out, steps=3)
     assert all(len(idx) == 4 for rec in recs.values() for _, _, idx in rec["batches"])
     # the position all ranks share: 2 x batch_size packed rows a step, a new epoch when a step no longer fits
     data = torch.load(out / "checkpoints" / "step-3" / "state.pt", weights_only=False)["data"]

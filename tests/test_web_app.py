@@ -254,6 +254,16 @@ def test_static_files_served_with_headers(env):
     assert c.get("/app/static/models.py").status_code == 404
 
 
+def ann_on_a_task(app, tasks: str) -> tuple[TestClient, str, str]:
+    """The admin imports `tasks` (overlap 1); ann logs in and opens the first: (her client, its URL, the page)."""
+    adm = client(app)
+    import_campaign(adm, login(adm, "admin"), tasks, overlap=1)
+    c = client(app)
+    login(c, "ann")
+    _, url = open_task(c)
+    return c, url, c.get(url).text
+
+
 def test_session_that_ends_mid_task_keeps_the_draft_and_comes_back(env):
     """The session expires while a labeler works: the submit goes to the login page (which says why and comes
     back to the task), nothing is stored from the stale form, and the autosaved draft is there after login."""
@@ -262,12 +272,7 @@ def test_session_that_ends_mid_task_keeps_the_draft_and_comes_back(env):
     from chatforge.server.db.models import utcnow
 
     app, sm = env
-    adm = client(app)
-    import_campaign(adm, login(adm, "admin"), task_lines(1, 3), overlap=1)
-    c = client(app)
-    login(c, "ann")
-    _, url = open_task(c)
-    page = c.get(url).text
+    c, url, page = ann_on_a_task(app, task_lines(1, 3))
     assert c.post(url + "/draft", data={"csrf": csrf_of(page), "ranking": "B, A", "comment": "half done"}).json()
     with sm() as db:
         for s in db.scalars(select(WebSession)):
@@ -299,12 +304,7 @@ def test_task_reassigned_or_deleted_mid_labeling_says_so(env):
     from chatforge.server.web.models import Assignment, RankTask
 
     app, sm = env
-    adm = client(app)
-    import_campaign(adm, login(adm, "admin"), task_lines(2, 3), overlap=1)
-    c = client(app)
-    login(c, "ann")
-    _, url = open_task(c)
-    page = c.get(url).text
+    c, url, page = ann_on_a_task(app, task_lines(2, 3))
     aid = url.rsplit("/", 1)[1]
     with sm() as db:  # an admin hands the task to bob while ann has it open
         a = db.get(Assignment, aid)
