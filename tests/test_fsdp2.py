@@ -276,3 +276,29 @@ def test_fsdp2_exact_resume_after_sigkill(pretrain_runs, tmp_path):
     a = AutoModelForCausalLM.from_pretrained(root / "fsdp2" / "model").state_dict()
     b = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_a_checkpoint_of_another_model_is_refused_with_the_mismatch_named(pretrain_runs, tmp_path):
+    root, common = pretrain_runs
+    out = tmp_path / "other"
+    shutil.copytree(root / "fsdp2", out)
+    shutil.rmtree(out / "model")
+    other = [s for s in common if not s.startswith("model.depth=")] + ["model.depth=1", "train.max_steps=9"]
+    r = subprocess.run(torchrun("pretrain", "--out", str(out), *sets([*other, "train.batch_size=2",
+                                                                       "train.strategy=fsdp2"])),
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "made with another config" in r.stderr and "model_config" in r.stderr, r.stderr[-2000:]
+    assert not (out / "model").exists()
+
+
+def test_offload_without_the_host_memory_for_it_is_refused(monkeypatch, tiny_tokenizer, tiny_model_factory):
+    from chatforge.config import TrainConfig
+    from chatforge.core.distributed import DistInfo, check_offload_memory
+    from chatforge.core.io import UserError
+
+    model = tiny_model_factory(tiny_tokenizer)
+    info = DistInfo(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"))
+    check_offload_memory(model, TrainConfig(strategy="fsdp2", fsdp_cpu_offload=True), info)  # fits: no error
+    monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else 4096)  # 4 KiB free
+    with pytest.raises(UserError, match="needs about .* GiB of host RAM .* only 0.0 GiB is free"):
+        check_offload_memory(model, TrainConfig(strategy="fsdp2", fsdp_cpu_offload=True), info)
