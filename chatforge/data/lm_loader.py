@@ -57,7 +57,11 @@ class WindowLoader(EpochLoader):
         return np.asarray(self.shards[s][off: off + self.seq_len + 1], dtype=np.int64)
 
     def _collate(self, idxs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.from_numpy(np.stack([self._window(int(i)) for i in idxs])).to(self.device)
+        rows = torch.from_numpy(np.stack([self._window(int(i)) for i in idxs]))
+        if torch.device(self.device).type == "cuda":  # page-locked: the copy runs asynchronously to the GPU
+            rows = rows.pin_memory().to(self.device, non_blocking=True)
+        else:
+            rows = rows.to(self.device)
         return rows[:, :-1], rows[:, 1:]
 
 
