@@ -84,6 +84,9 @@ class TrainConfig:
     """auto = single for one process, ddp under torchrun; fsdp2 = fully_shard each decoder layer, then the root."""
     fsdp_cpu_offload: bool = False
     """fsdp2: keep sharded params, grads and AdamW state in CPU memory (CPUOffloadPolicy)."""
+    fsdp_frozen: Literal["shard", "replicate"] = "shard"
+    """fsdp2, RL stages: the frozen reference and reward model sharded like the trained models (least memory), or
+    whole replicas on every rank (no all-gathers in their forwards)."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward (less memory, ~30 % more compute)."""
 

@@ -215,8 +215,10 @@ def test_sharded_generation_runs_in_lockstep_and_equals_the_plain_model(tiny_tok
     assert max(len(t) for grp in json.loads((tmp_path / "rank1.json").read_text())["sharded"] for t in grp) > 2
 
 
-@pytest.mark.parametrize("stage,baseline", [("ppo", "critic"), ("ppo", "rloo"), ("grpo", None)])
-def test_rl_fsdp2_matches_ddp(stage, baseline, tiny_tokenizer, tiny_model_factory, tmp_path):
+@pytest.mark.parametrize("stage,baseline,reward,frozen", [
+    ("ppo", "critic", "keyword:e", "shard"), ("ppo", "rloo", "keyword:e", "shard"),
+    ("ppo", "critic", "rm", "shard"), ("ppo", "critic", "rm", "replicate"), ("grpo", None, "rm", "shard")])
+def test_rl_fsdp2_matches_ddp(stage, baseline, reward, frozen, tiny_tokenizer, tiny_model_factory, tmp_path):
     """PPO with policy, critic and reference sharded (the reward replicated), and GRPO with policy and reference
     sharded, take the steps DDP takes with the same 2 ranks, seeds and prompts: the same per-step losses, KL and
     scores; the final model/ is plain.
@@ -225,20 +227,27 @@ def test_rl_fsdp2_matches_ddp(stage, baseline, tiny_tokenizer, tiny_model_factor
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "messages": [
         {"role": "user", "content": f"Tell me about ball {i}."}]}) + "\n" for i in range(32)))
-    common = [f"policy={model}", f"prompts={prompts}", "reward=keyword:e", "train.max_steps=3", "train.batch_size=4",
+    if reward == "rm":  # a learned RM: the critic starts from it, and it is sharded or replicated by fsdp_frozen
+        from chatforge.stages.rm import RewardNorm, init_reward_model, save_reward_model
+
+        rm, rm_tok, _ = init_reward_model(str(model), seed=0)
+        save_reward_model(rm, rm_tok, RewardNorm(mean=0.0, std=1.0), tmp_path / "rm")
+        reward = str(tmp_path / "rm")
+    common = [f"policy={model}", f"prompts={prompts}", f"reward={reward}", "train.max_steps=3", "train.batch_size=4",
               "rollout.max_new_tokens=8", "train.log_every=1", "log.tensorboard=false", "train.checkpoint_every=3",
               "train.threads=1"]
     common += (["ppo.minibatch_size=2", "ppo.epochs=1", f"ppo.baseline={baseline}", "ppo.samples_per_prompt=2"]
                if stage == "ppo" else ["grpo.group_size=2", "grpo.minibatch_size=4", "grpo.beta=0.05"])
     for strategy in ("ddp", "fsdp2"):
-        run(torchrun(stage, "--out", str(tmp_path / strategy), *sets([*common, f"train.strategy={strategy}"])))
+        run(torchrun(stage, "--out", str(tmp_path / strategy), *sets([*common, f"train.strategy={strategy}",
+                                                                       f"train.fsdp_frozen={frozen}"])))
     rows = {s: [json.loads(x) for x in (tmp_path / s / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
             for s in ("ddp", "fsdp2")}
     assert len(rows["ddp"]) == len(rows["fsdp2"]) == 3
     for key in ("train/loss", "objective/kl", "objective/scores"):
         a, b = [r[key] for r in rows["ddp"]], [r[key] for r in rows["fsdp2"]]
         assert max(abs(x - y) for x, y in zip(a, b)) < TOL, (key, a, b)
-    assert rows["fsdp2"][-1]["objective/kl"] > 0  # the policy moved
+    assert abs(rows["fsdp2"][-1]["objective/kl"]) > 1e-6  # the policy moved away from its reference
     meta = json.loads((tmp_path / "fsdp2" / "checkpoints" / "step-3" / "meta.json").read_text())
     assert meta["format"] == "dcp" and meta["world_size"] == 2
     from transformers import AutoModelForCausalLM

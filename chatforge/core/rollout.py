@@ -291,6 +291,20 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(all_reduce_sum(torch.tensor([float(flag)], device=info.device), info).item() > 0)
 
 
+def shard_frozen(ref: Any, reward: Any, info: DistInfo, cfg: Any) -> Any:
+    """Under FSDP2, the frozen models of an RL stage by `train.fsdp_frozen`: shard the reference (returned) and an
+    RM reward's model in place, or leave both whole replicas. Their forwards then are collectives too, which holds
+    because every rank scores as many rows in as many batches."""
+    from chatforge.core.distributed import wrap_model
+    from chatforge.core.rewards import RMReward
+
+    if cfg.fsdp_frozen != "shard":
+        return ref
+    if isinstance(reward, RMReward):
+        reward.model = wrap_model(reward.model, info, cfg, trainable=False)
+    return wrap_model(ref, info, cfg, trainable=False) if ref is not None else None
+
+
 def _full(norm: torch.Tensor) -> float:
     """A grad norm as a float; under FSDP2 the norm of sharded grads is a DTensor (reduced over ranks)."""
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

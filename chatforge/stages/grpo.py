@@ -63,6 +63,7 @@ from chatforge.core.rollout import (
     response_forward,
     rollout_logprobs,
     rollout_seed,
+    shard_frozen,
     step_optimizers,
 )
 from chatforge.core.run import Run, parent_run_id
@@ -143,10 +144,9 @@ def run(cfg: GRPOConfig, out: Path, resume: bool = True) -> dict:
         stream = PromptStream(len(prompts), cfg.train.batch_size, cfg.train.seed, info.rank, info.world_size)
 
         # ---------------------------------------------------------------- optimizer
-        if strategy == "fsdp2":  # the policy sharded and trained, the reference sharded; the reward a replica
+        if strategy == "fsdp2":  # the policy sharded and trained; reference and RM by train.fsdp_frozen
             ddp_policy = wrap_model(policy, info, cfg.train)
-            if ref is not None:
-                ref = wrap_model(ref, info, cfg.train, trainable=False)
+            ref = shard_frozen(ref, reward, info, cfg.train)
         else:
             ddp_policy = wrap_ddp(policy, info)
         opt = make_optimizer(policy.parameters(), cfg.train, info.device)

@@ -185,14 +185,12 @@ def estimate(g: Geometry, p: PlanInput) -> list[Estimate]:
             cpu = 0.0
             if strategy == "fsdp2":
                 shard = 1 / p.gpus
-                # PPO and GRPO keep a reward model a whole replica on every rank (it only scores finished replies)
-                replica = n_params * 4 if rl else 0.0
-                sharded, copies = w_full - replica, base_copies - (1 if replica else 0)
+                # every model sharded, the frozen ones too (train.fsdp_frozen=shard, the default)
                 if offload:
-                    cpu = (sharded + grads + opt) * shard
-                    w, grads, opt = replica + layer_gathered * copies, 0.0, 0.0
+                    cpu = (w_full + grads + opt) * shard
+                    w, grads, opt = layer_gathered * base_copies, 0.0, 0.0
                 else:
-                    w, grads, opt = sharded * shard + replica + layer_gathered * copies, grads * shard, opt * shard
+                    w, grads, opt = w_full * shard + layer_gathered * base_copies, grads * shard, opt * shard
             else:
                 w = w_full
             note = ""

@@ -108,6 +108,7 @@ from chatforge.core.rollout import (
     response_forward,
     rollout_logprobs,
     rollout_seed,
+    shard_frozen,
     step_optimizers,
 )
 from chatforge.core.run import Run, parent_run_id
@@ -374,12 +375,10 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
         stream = PromptStream(len(prompts), cfg.train.batch_size // k, cfg.train.seed, info.rank, info.world_size)
 
         # ---------------------------------------------------------------- strategy, optimizers, KL controller, ptx
-        if strategy == "fsdp2":  # policy and critic sharded and trained, the reference sharded (frozen); the RM
-            # stays a replica (it only scores finished replies, so its forwards need not be in step)
+        if strategy == "fsdp2":  # policy and critic sharded and trained; reference and RM by train.fsdp_frozen
             ddp_policy = wrap_model(policy, info, cfg.train)
             ddp_critic = wrap_model(critic, info, cfg.train) if critic is not None else None
-            if ref is not None:
-                ref = wrap_model(ref, info, cfg.train, trainable=False)
+            ref = shard_frozen(ref, reward, info, cfg.train)
             # fully_shard swaps each parameter for a sharded DTensor: the optimizers take the new ones
             policy_params = [p for p in policy.parameters() if p.requires_grad]
             critic_params = [p for p in critic.parameters() if p.requires_grad] if critic is not None else []
