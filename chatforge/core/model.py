@@ -78,7 +78,7 @@ def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32) -> t
 # each token, so bf16 halves the bytes, but it is only faster where the CPU has a fast bf16 matmul (on the
 # dev machine it is slower: 21.4 vs 26.6 tok/s on SmolLM2). int8 dynamic quantisation of every Linear was
 # 1.6x faster but raised held-out loss by 73 %, so it is not offered (the bar is within 1 % of fp32).
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16")
 
 
 def for_inference(model: Any, precision: str = "fp32") -> Any:
@@ -88,16 +88,6 @@ def for_inference(model: Any, precision: str = "fp32") -> Any:
     model.eval()
     if precision == "bf16":
         return model.to(torch.bfloat16)
-    if precision == "int8":
-        # CPU: every nn.Linear (the LM head included) with int8 weights and dynamically quantised activations
-        # (PyTorch's fbgemm/qnnpack kernels); a 4x smaller weight read per token for a memory-bound decode
-        if next(model.parameters()).device.type != "cpu":
-            raise UserError("precision int8 (dynamic quantisation) runs on CPU only; use bf16 on a GPU")
-        import warnings
-
-        with warnings.catch_warnings():  # torch's note that quantized tensors move to torchao: not for a user
-            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-            return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     return model
 
 
