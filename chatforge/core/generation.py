@@ -595,6 +595,8 @@ def _decode_steps(model: Any, prompts: list[list[int]], params: list[SamplingPar
     """
     row_params = [p for p in params for _ in range(num_samples)]
     n_new = max(p.max_new_tokens for p in row_params)
+    # lockstep: an FSDP2-sharded model all-gathers its weights in every forward, a collective, so every rank
+    # runs as many decode steps as the slowest one (finished ranks feed pads) and rows are not retired
     lockstep = _sharded_across_ranks(model)
     if lockstep:  # every rank runs the longest rank's number of steps (each row still stops at its own limit)
         n_new = _max_over_ranks(n_new, next(model.parameters()).device)
@@ -611,8 +613,6 @@ def _decode_steps(model: Any, prompts: list[list[int]], params: list[SamplingPar
     trackers = [_TextTracker(tokenizer, p.stop) if (p.stop or track_all) else None for p in row_params]
     state = _State(rows=rows, trackers=trackers)
     any_tracker = any(t is not None for t in trackers)
-    # lockstep: an FSDP2-sharded model all-gathers its weights in every forward, a collective, so every rank
-    # runs as many decode steps as the slowest one (finished ranks feed pads) and rows are not retired
 
     for step in range(n_new):
         rows = state.rows
