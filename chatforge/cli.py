@@ -795,14 +795,30 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as e:
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        usage, abort = _click_errors()
+        if isinstance(e, usage):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, abort):
             sys.exit(1)
         raise
+
+
+def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """Usage-error and abort classes: click's, and those of the click copy newer typer releases vendor
+    (typer._click), whose errors are not click's (a mistyped option would otherwise print a traceback)."""
+    import importlib
+
+    usage: list[type] = []
+    abort: list[type] = []
+    for name in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        usage += [c for c in (getattr(mod, "ClickException", None),) if c]
+        abort += [c for c in (getattr(mod, "Abort", None),) if c]
+    return tuple(usage), tuple(abort)
 
 
 if __name__ == "__main__":

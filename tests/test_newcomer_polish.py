@@ -44,3 +44,15 @@ def test_sft_without_data_uses_the_embedded_demonstrations():
 
     convs = load_conversations(list(sft.DEFAULT_DATA))
     assert len(convs) > 200 and all(c["messages"][-1]["role"] == "assistant" for c in convs)
+
+
+def test_mistyped_option_is_a_usage_error_not_a_traceback():
+    """typer >= 0.2x vendors its own click copy: its usage errors must be shown as click's are."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "chatforge.cli", "label", "--tasks", "t.jsonl", "--labelers", "x",
+                        "--out", "c.jsonl"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "No such option: --labelers" in r.stderr and "--labeler" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout

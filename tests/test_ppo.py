@@ -263,7 +263,7 @@ def test_non_finite_rewards_skip_the_update(setup, tmp_path, monkeypatch):
     class NaNReward:
         name = "nan"
 
-        def score(self, prompts, replies):
+        def score(self, prompts, replies, finished=None):
             return [float("nan")] * len(replies)
 
     root, model_dir, prompts = setup

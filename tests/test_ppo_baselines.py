@@ -25,7 +25,7 @@ class OffsetPlusSignal:
 
     name = "toy:offset+signal"
 
-    def score(self, prompts, replies):
+    def score(self, prompts, replies, finished=None):
         return [OFFSET * (zlib.crc32(p["id"].encode()) % 3 - 1) + r.lower().count(SIGNAL)
                 for p, r in zip(prompts, replies, strict=True)]
 
@@ -60,9 +60,9 @@ def _run_toy(setup, tmp_path, monkeypatch, name, extra):
     toy = OffsetPlusSignal()
     real_score = toy.score
 
-    def scored(prompts_, replies):  # record the signal part of every batch's scores for the assertion
+    def scored(prompts_, replies, finished=None):  # record the signal part of every batch's scores for the assertion
         scored.batches.append(sum(r.lower().count(SIGNAL) for r in replies) / len(replies))
-        return real_score(prompts_, replies)
+        return real_score(prompts_, replies, finished)
 
     scored.batches = []
     toy.score = scored

@@ -9,9 +9,9 @@ import torch
 from helpers import save_tiny_model
 
 from chatforge.config import PPOConfig, load_config
-from chatforge.core.rewards import RMReward, assistant_turn_suffix, make_reward_source, score_rollout
+from chatforge.core.rewards import RMReward, make_reward_source, score_rollout
 from chatforge.core.rollout import engine_logprobs_usable, generate_rollouts, rollout_logprobs
-from chatforge.core.tokenizer import end_of_turn_id, render_for_completion
+from chatforge.core.tokenizer import assistant_turn_suffix, end_of_turn_id, render_for_completion
 
 PROMPTS = ["Tell me about the red ball, please.", "Hi", "What is 2 + 3?", "Where did Lily go one sunny day?"]
 
@@ -58,16 +58,18 @@ def test_rm_scores_token_ids_like_the_text_path(tiny_tokenizer, rm_reward):
     prompts, ids = _prompts(tok)
     texts = ["Lily saw a big red ball.", "One day", "5", "She went to the park and played with Tom."]
     eot = end_of_turn_id(tok)
-    # canonical reply ids; the last reply hit the length limit (no end of turn): the text path still closes
-    # the turn, and so must the id path
+    # canonical reply ids; the last reply hit the length limit (no end of turn): both paths score it without
+    # the end-of-turn suffix, as the RM was trained on such replies (data/rm_data.py)
     replies = [tok.encode(t, add_special_tokens=False) + [eot] for t in texts[:3]]
     replies.append(tok.encode(texts[3], add_special_tokens=False))
     ro = SimpleNamespace(prompts=prompts, texts=texts, prompt_ids=ids, token_ids=replies,
                          ended=torch.tensor([True, True, True, False]))
     fast = score_rollout(rm_reward, tok, ro)
-    slow = rm_reward.score(prompts, texts)
+    slow = rm_reward.score(prompts, texts, [True, True, True, False])
     assert len(set(slow)) == 4, "the replies score differently"
     assert fast == pytest.approx(slow, abs=1e-5)
+    closed = rm_reward.score(prompts, texts)  # the same text as if it had ended
+    assert closed[:3] == pytest.approx(slow[:3]) and abs(closed[3] - slow[3]) > 1e-4, "a cut-off reply looks ended"
 
 
 def test_rm_with_another_template_keeps_the_text_path(tiny_tokenizer, rm_reward, monkeypatch):

@@ -140,7 +140,11 @@ def test_win_rates_count_planted_outcomes(report):
     by_rm = next(w for w in rep["win_rates"] if w["judge"] == "rm" and w["baseline"] == "sft-b")
     expect = rm_outcomes(rep["models"]["ppo-c"]["rm"]["scores"], rep["models"]["sft-b"]["rm"]["scores"])
     assert by_rm["outcomes"] == expect
-    assert by_rm["ties"] == sum(o == 0.5 for o in expect) >= 8  # identical replies get equal rewards
+    assert by_rm["ties"] == sum(o == 0.5 for o in expect)
+    # odd prompts: the same WRONG text, ended by ppo-c but cut off for sft-b: the RM scores what the labelers
+    # see, so the cut-off copy never gets the ended copy's reward
+    ppo_rm, sft_rm = rep["models"]["ppo-c"]["rm"]["scores"], rep["models"]["sft-b"]["rm"]["scores"]
+    assert all(abs(ppo_rm[i] - sft_rm[i]) > 1e-4 for i in range(1, N_PROMPTS, 2))
     bt = rep["bradley_terry"]["strengths"]
     assert bt["ppo-c"]["rank"] == 1 and bt["ppo-c"]["strength"] > bt["sft-b"]["strength"]
 
@@ -151,9 +155,11 @@ def test_rm_scores_match_direct_scoring(report, lineage):
     rep, _ = report
     model, tok, norm = load_reward_model(str(lineage["rm"]), "cpu")
     prompts = heldout_prompts(2)
-    replies, _ = _planted("ppo", None, None, prompts)
-    direct = score_texts(model, tok, [p["messages"] for p in prompts], replies, norm)
-    assert rep["models"]["ppo-c"]["rm"]["scores"] == pytest.approx(direct, abs=1e-5)
+    for label, spec in (("ppo-c", "ppo"), ("sft-b", "sft")):
+        replies, reasons = _planted(spec, None, None, prompts)
+        direct = score_texts(model, tok, [p["messages"] for p in prompts], replies, norm,
+                             finished=[why != "length" for why in reasons])
+        assert rep["models"][label]["rm"]["scores"] == pytest.approx(direct, abs=1e-5)
 
 
 def test_lm_loss_matches_direct_computation(report, lineage):

@@ -416,3 +416,56 @@ def test_best_of_n_rm_pick_vs_oracle_and_random(trained, rm_setup, tmp_path):
     with pytest.raises(UserError, match="integers"):
         parse_best_of("1,two")
     assert parse_best_of("8,1,2,2") == [1, 2, 8]
+
+
+# ----------------------------------------------------------------------------- replies cut off at the length limit
+
+
+def test_cut_off_reply_is_rendered_without_the_end_of_turn(tiny_tokenizer):
+    from chatforge.core.tokenizer import assistant_turn_suffix
+
+    tok = tiny_tokenizer
+    suffix = assistant_turn_suffix(tok)
+    assert suffix, "the tiny template closes a turn with a fixed suffix"
+    ended, _, _ = render_scored(tok, USER, "She saw a big", 128)
+    cut, _, _ = render_scored(tok, USER, "She saw a big", 128, finished=False)
+    assert ended == cut + suffix
+    obj = {"task_id": "t", "prompt": {"messages": USER},
+           "responses": [{"response_id": "a", "content": "She saw a ball.", "finish_reason": "stop"},
+                         {"response_id": "b", "content": "She saw a ball.", "params": {"finish_reason": "length"}}],
+           "ranking": [["a"], ["b"]]}
+    c = Comparison.from_dict(obj)
+    assert [r.finished for r in c.responses] == [True, False]
+    assert c.to_dict()["responses"][0]["finish_reason"] == "stop"
+    (ex,), _ = build_examples(tok, [c], 128)
+    assert ex.seqs[0] == ex.seqs[1] + suffix
+
+
+def test_rm_learns_that_a_cut_off_reply_is_worse(rm_setup, tmp_path):
+    """Same text twice, once ended and once cut off, the ended one ranked first (as a labeler who sees the
+    finish_reason ranks): only the end-of-turn tokens tell the two apart, so an RM that renders both alike
+    stays at chance."""
+    from chatforge.stages import rm
+    from chatforge.stages.rm_eval import load_reward_model, score_texts
+
+    base, _ = rm_setup
+    rng = random.Random(3)
+    rows = []
+    for i in range(120):
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9)))
+        resp = [{"response_id": "done", "content": text, "finish_reason": "stop", "policy": "sft-1"},
+                {"response_id": "cut", "content": text, "finish_reason": "length", "policy": "sft-1"}]
+        rng.shuffle(resp)
+        rows.append({"task_id": f"t{i}", "prompt": {"messages": [{"role": "user", "content": f"Story {i}."}]},
+                     "responses": resp, "ranking": [["done"], ["cut"]]})
+    data = tmp_path / "cut.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(RMConfig, None, [f"model={base}", f"data.paths={data}", *_sets(30)])
+    res = rm.run(cfg, tmp_path / "run", resume=False)
+    assert res["val_accuracy"] >= 0.9, res
+    model, tok, norm = load_reward_model(str(tmp_path / "run"))
+    texts = ["Lily liked the big red ball.", "One day she saw the sun.", "Once upon a time there was a girl."]
+    prompts = [[{"role": "user", "content": "Tell me something."}]] * len(texts)
+    ended = score_texts(model, tok, prompts, texts, norm)
+    cut = score_texts(model, tok, prompts, texts, norm, finished=[False] * len(texts))
+    assert all(e > c for e, c in zip(ended, cut)), (ended, cut)

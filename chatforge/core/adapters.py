@@ -200,10 +200,12 @@ class SharedReward:
         self.seq_len = seq_len or getattr(cfg, "max_position_embeddings", 2048)
 
     @torch.no_grad()
-    def score(self, prompts: list[dict], replies: list[str]) -> list[float]:
+    def score(self, prompts: list[dict], replies: list[str], finished: list[bool] | None = None) -> list[float]:
         from chatforge.data.rm_data import pad_batch, render_scored
 
-        seqs = [render_scored(self.tok, p["messages"], r, self.seq_len)[0] for p, r in zip(prompts, replies, strict=True)]
+        ended = finished if finished is not None else [True] * len(replies)
+        seqs = [render_scored(self.tok, p["messages"], r, self.seq_len, e)[0]
+                for p, r, e in zip(prompts, replies, ended, strict=True)]
         device = next(self.shared.parameters()).device
         out: list[float] = []
         for i in range(0, len(seqs), self.batch_size):

@@ -77,18 +77,23 @@ def score_length(model: Any, seq_len: int | None) -> int:
 
 
 def score_texts(model: Any, tok: Any, prompts: list[list[dict]], replies: list[str], norm: RewardNorm | None,
-                batch_size: int = DEFAULT_BATCH, seq_len: int | None = None, stats: dict | None = None
-                ) -> list[float]:
+                batch_size: int = DEFAULT_BATCH, seq_len: int | None = None, stats: dict | None = None,
+                finished: list[bool] | None = None) -> list[float]:
     """Normalised reward of each (prompt messages, reply text); batched, no grad.
 
-    `stats`, if given, receives counts of truncated prompts and clipped replies.
+    `finished[i]` False marks reply i as cut off at the length limit (scored without the end-of-turn tokens,
+    as the RM was trained; data/rm_data.py). `stats`, if given, receives counts of truncated prompts and
+    clipped replies.
     """
     if len(prompts) != len(replies):
         raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
+    ended = finished if finished is not None else [True] * len(replies)
+    if len(ended) != len(replies):
+        raise ValueError(f"{len(replies)} replies but {len(ended)} finished flags")
     limit = score_length(model, seq_len)
     seqs, truncated, clipped = [], 0, 0
-    for p, r in zip(prompts, replies):
-        ids, cut, clip = render_scored(tok, p, r, limit)
+    for p, r, e in zip(prompts, replies, ended):
+        ids, cut, clip = render_scored(tok, p, r, limit, e)
         seqs.append(ids)
         truncated, clipped = truncated + cut, clipped + clip
     if stats is not None:

@@ -1,13 +1,15 @@
 """Reward sources for RL (PPO, GRPO) and evaluation: text in, one float per reply out.
 
-Every source implements `RewardSource.score(prompts, replies)`, where `prompts` are prompt
-conversations (`{"id", "messages", "meta"}` dicts) and `replies` the decoded reply texts, so a reward
-model with another tokenizer than the policy just re-tokenises (the RM's chat template renders
-prompt + reply its own way). RL stages call `score_rollout`, which skips decode → render → re-tokenise
-when the RM shares the policy's token ids and chat template: it scores the sampled ids directly
-(prompt ids + reply ids + the template's end-of-turn suffix), as TRL does. The two paths agree
-whenever the sampled reply is the canonical tokenisation of its text (tested); the id path scores
-exactly what the policy produced (including special tokens the text path would drop).
+Every source implements `RewardSource.score(prompts, replies, finished)`, where `prompts` are prompt
+conversations (`{"id", "messages", "meta"}` dicts), `replies` the decoded reply texts and `finished`
+which replies ended (False: cut off at max_new_tokens; the labelers and the `rule` utility penalise that,
+and a reward model scores such a reply without the end-of-turn tokens). A reward model with another
+tokenizer than the policy just re-tokenises (the RM's chat template renders prompt + reply its own way).
+RL stages call `score_rollout`, which skips decode → render → re-tokenise when the RM shares the policy's
+token ids and chat template: it scores the sampled ids directly (prompt ids + reply ids + the template's
+end-of-turn suffix when the reply ended), as TRL does. The two paths agree whenever the sampled reply is
+the canonical tokenisation of its text (tested); the id path scores exactly what the policy produced
+(including special tokens the text path would drop).
 
 `--reward` specs (`make_reward_source`):
 
@@ -28,7 +30,7 @@ from typing import Any, Protocol
 import torch
 
 from chatforge.core.io import UserError
-from chatforge.core.tokenizer import stop_token_ids
+from chatforge.core.tokenizer import assistant_turn_suffix, stop_token_ids
 
 
 class RewardSource(Protocol):
@@ -36,7 +38,9 @@ class RewardSource(Protocol):
 
     name: str
 
-    def score(self, prompts: list[dict], replies: list[str]) -> list[float]: ...
+    def score(self, prompts: list[dict], replies: list[str], finished: list[bool] | None = None) -> list[float]:
+        """`finished[i]` False: reply i was cut off at max_new_tokens (None: every reply ended)."""
+        ...
 
 
 class RMReward:
@@ -57,12 +61,12 @@ class RMReward:
         self.turn_suffix = assistant_turn_suffix(self.tok)
         self._ids_ok: dict[int, bool] = {}  # id(policy tokenizer) -> can score its ids directly
 
-    def score(self, prompts: list[dict], replies: list[str]) -> list[float]:
+    def score(self, prompts: list[dict], replies: list[str], finished: list[bool] | None = None) -> list[float]:
         from chatforge.core.reward_model import score_texts
 
         with torch.no_grad():
             return score_texts(self.model, self.tok, [p["messages"] for p in prompts], list(replies), self.norm,
-                               self.batch_size)
+                               self.batch_size, finished=finished)
 
     def accepts_ids_of(self, tok: Any) -> bool:
         """True when sequences rendered by `tok` are what this RM's tokenizer and template would render."""
@@ -93,7 +97,7 @@ class TaskReward:
         self.missing = missing
         self.n_missing = 0
 
-    def score(self, prompts: list[dict], replies: list[str]) -> list[float]:
+    def score(self, prompts: list[dict], replies: list[str], finished: list[bool] | None = None) -> list[float]:
         from chatforge.data.tasks import check_conversation
 
         out = []
@@ -111,10 +115,11 @@ class RuleReward:
 
     name = "rule"
 
-    def score(self, prompts: list[dict], replies: list[str]) -> list[float]:
+    def score(self, prompts: list[dict], replies: list[str], finished: list[bool] | None = None) -> list[float]:
         from chatforge.data.utility import rule_utility
 
-        return [float(rule_utility(p, r)) for p, r in zip(prompts, replies, strict=True)]
+        ended = finished if finished is not None else [True] * len(replies)
+        return [float(rule_utility(p, r, truncated=not e)) for p, r, e in zip(prompts, replies, ended, strict=True)]
 
 
 class KeywordReward:
@@ -130,7 +135,7 @@ class KeywordReward:
         self.per_hit = per_hit
         self.pattern = re.compile("|".join(re.escape(k) for k in keywords), re.IGNORECASE)
 
-    def score(self, prompts: list[dict], replies: list[str]) -> list[float]:
+    def score(self, prompts: list[dict], replies: list[str], finished: list[bool] | None = None) -> list[float]:
         return [self.per_hit * len(self.pattern.findall(r)) for r in replies]
 
 
@@ -147,25 +152,6 @@ def make_reward_source(spec: str, device: torch.device | str = "cpu", batch_size
     return RMReward(spec, device, batch_size)
 
 
-def assistant_turn_suffix(tok: Any) -> list[int] | None:
-    """The ids the chat template emits after an assistant reply's content (e.g. `<|end|>\\n`), or None
-    when prompt + reply does not render as completion prompt + reply ids + a fixed suffix."""
-    from chatforge.core.tokenizer import render_for_completion
-    from chatforge.data.rm_data import render_ids
-
-    user = [{"role": "user", "content": "Say hello."}]
-    try:
-        prefix = render_for_completion(tok, user)
-        empty = render_ids(tok, user + [{"role": "assistant", "content": ""}])
-        probe = "Hello, world! 42"
-        full = render_ids(tok, user + [{"role": "assistant", "content": probe}])
-    except Exception:  # a template that cannot render this probe: keep the text path
-        return None
-    suffix = empty[len(prefix):]
-    body = tok.encode(probe, add_special_tokens=False)
-    return suffix if empty[: len(prefix)] == prefix and full == prefix + body + suffix else None
-
-
 def score_rollout(reward: RewardSource, tok: Any, ro: Any) -> list[float]:
     """Scores of a `core.rollout.Rollout` sampled with tokenizer `tok`: token ids straight into an RM that
     shares them (and its template), else `reward.score` on the decoded texts."""
@@ -176,10 +162,11 @@ def score_rollout(reward: RewardSource, tok: Any, ro: Any) -> list[float]:
         seqs = []
         for prompt, reply, ended in zip(ro.prompt_ids, ro.token_ids, ro.ended.tolist(), strict=True):
             body = reply[:-1] if ended and reply and reply[-1] in stops else reply  # the stop token is not text
-            seqs.append(prompt + body + reward.turn_suffix)  # type: ignore[operator]
+            # a reply cut off at the length limit never ended its turn: no end-of-turn suffix (data/rm_data.py)
+            seqs.append(prompt + body + (reward.turn_suffix if ended else []))  # type: ignore[operator]
         if max(map(len, seqs)) <= score_length(reward.model, None):  # too long: the text path cuts old turns
             return reward.score_ids(seqs)
-    return reward.score(ro.prompts, ro.texts)
+    return reward.score(ro.prompts, ro.texts, [bool(e) for e in ro.ended.tolist()])
 
 
 def same_token_ids(tok_a: Any, tok_b: Any) -> bool:

@@ -472,7 +472,7 @@ class GoldMonitor:
                                    temperature=self.temperature, top_k=0, top_p=1.0,
                                    seeds=list(range(len(self.prompts))), num_samples=self.samples)
         bare.train(was_training)
-        gold = float(np.mean(self.gold.score(ro.prompts, ro.texts)))
+        gold = float(np.mean(score_rollout(self.gold, self.tok, ro)))  # sees which replies were cut off
         proxy = float(np.mean(score_rollout(self.proxy, self.tok, ro)))
         out = {"objective/gold": gold, "objective/proxy": proxy, "objective/gold_best": max(gold, self.best)}
         if gold > self.best:

@@ -139,6 +139,33 @@ def render_for_completion(tok: Any, messages: list[dict]) -> list[int]:
     return _template_ids(tok, messages, add_generation_prompt=True)
 
 
+def assistant_turn_suffix(tok: Any) -> list[int] | None:
+    """The ids the chat template emits after an assistant reply's content (e.g. `<|end|>\\n`), or None
+    when prompt + reply does not render as completion prompt + reply ids + a fixed suffix. Cached per
+    tokenizer object and chat template."""
+    template = getattr(tok, "chat_template", None)
+    cached = getattr(tok, "_chatforge_turn_suffix", None)
+    if cached is not None and cached[0] == template:
+        return cached[1]
+    user = [{"role": "user", "content": "Say hello."}]
+    try:
+        prefix = render_for_completion(tok, user)
+        empty = _template_ids(tok, user + [{"role": "assistant", "content": ""}], add_generation_prompt=False)
+        probe = "Hello, world! 42"
+        full = _template_ids(tok, user + [{"role": "assistant", "content": probe}], add_generation_prompt=False)
+    except Exception:  # a template that cannot render this probe: no fixed suffix
+        suffix = None
+    else:
+        tail = empty[len(prefix):]
+        body = tok.encode(probe, add_special_tokens=False)
+        suffix = tail if empty[: len(prefix)] == prefix and full == prefix + body + tail else None
+    try:
+        tok._chatforge_turn_suffix = (template, suffix)
+    except AttributeError:  # a tokenizer that refuses attributes: recompute next time
+        pass
+    return suffix
+
+
 def render_conversation(tok: Any, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Render a whole conversation; return (ids, mask) with mask 1 exactly on assistant tokens.
 

@@ -6,7 +6,7 @@ Every record is a small dataclass with `from_dict(obj, path, line)` (validates a
     conversation  {"id", "messages": [{"role": "system"|"user"|"assistant", "content"}], "source", "meta"}
     prompt        a conversation whose last message is from the user
     ranking task  {"task_id", "prompt": {"messages": [...]}, "responses": [{"response_id", "content",
-                   "policy", "params"}], "source", "meta"}
+                   "policy", "params", "finish_reason"?}], "source", "meta"}
     comparison    a ranking task plus "ranking": [[best ids, ties together], [next], ...], optional
                   "ratings": {id: 1-7}, "flags": {id: [str]}, "labeler", "created_at"
 
@@ -14,7 +14,10 @@ Rules worth knowing (the reasons are in the validators):
 - a ranking names every response exactly once, as InstructGPT's labelers rank all K replies;
 - a message's content must be non-empty, but a *response* may be empty: a policy can emit EOS at
   once, and a labeler must be able to rank that reply last;
-- a system message may only come first.
+- a system message may only come first;
+- a response's optional "finish_reason" ("stop" | "length", as `sample` writes it) says whether the reply
+  ended or was cut off at max_new_tokens: labelers see it, and the reward model scores an unfinished reply
+  without the end-of-turn token (data/rm_data.py), so it can learn what the labelers saw.
 """
 
 from __future__ import annotations
@@ -180,6 +183,8 @@ class Response:
     content: str
     policy: str = ""
     params: dict = field(default_factory=dict)
+    finish_reason: str | None = None
+    """Why generation stopped (OpenAI's values): "length" = cut off at max_new_tokens, unfinished."""
 
     @classmethod
     def from_dict(cls, obj: Any, path: str | Path | None = None, line: int | None = None,
@@ -189,11 +194,19 @@ class Response:
         content = _content_text(_require(obj, "content", (str, list), where, ctx), where, f"{ctx}content")
         policy = _optional(obj, "policy", str, "", where, ctx)
         params = _optional(obj, "params", dict, dict, where, ctx)
-        return cls(str(rid), content, policy, params)
+        why = _optional(obj, "finish_reason", str, None, where, ctx)
+        if why is None and isinstance(params.get("finish_reason"), str):  # older files kept it in params
+            why = params["finish_reason"]
+        return cls(str(rid), content, policy, params, why)
+
+    @property
+    def finished(self) -> bool:
+        """False for a reply cut off by the length limit: labelers see that, so the reward model must too."""
+        return self.finish_reason != "length"
 
     def to_dict(self) -> dict:
         return {"response_id": self.response_id, "content": self.content, "policy": self.policy,
-                "params": self.params}
+                "params": self.params, **({"finish_reason": self.finish_reason} if self.finish_reason else {})}
 
 
 def _parse_prompt_field(val: Any, where: Where) -> list[Message]:

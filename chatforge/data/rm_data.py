@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from chatforge.core.io import UserError
-from chatforge.core.tokenizer import _template_ids, render_for_completion
+from chatforge.core.tokenizer import _template_ids, assistant_turn_suffix, render_for_completion
 from chatforge.data.formats import Comparison, assign_split, comparison_pairs, read_comparisons
 from chatforge.data.sampler import EpochLoader
 
@@ -136,16 +136,29 @@ def _with_reply(msgs: list[dict], reply: str) -> list[dict]:
     return msgs + [{"role": "assistant", "content": reply}]
 
 
-def render_replies(tok: Any, prompt: list[dict], replies: list[str], seq_len: int
-                   ) -> tuple[list[list[int] | None], int]:
+def _render_reply(tok: Any, msgs: list[dict], reply: str, finished: bool) -> list[int]:
+    """prompt + reply, closed by the template's end-of-turn tokens only when the reply ended: a reply cut off
+    at max_new_tokens is scored as the policy left it (as TRL scores raw rollout ids), so a reward model can
+    tell it from one that finished, as the labelers who saw its finish_reason could."""
+    ids = render_ids(tok, _with_reply(msgs, reply))
+    suffix = None if finished else assistant_turn_suffix(tok)
+    return ids[: len(ids) - len(suffix)] if suffix and ids[len(ids) - len(suffix):] == suffix else ids
+
+
+def render_replies(tok: Any, prompt: list[dict], replies: list[str], seq_len: int,
+                   finished: list[bool] | None = None) -> tuple[list[list[int] | None], int]:
     """Render prompt + each reply; cut old prompt turns until the longest reply fits.
 
     Returns (ids or None for a reply that never fits, number of user turns dropped from the prompt).
+    `finished[i]` False: reply i was cut off, rendered without the end-of-turn tokens (`_render_reply`).
     The renderer is prefix-stable (render_conversation checks it), so a reply adds the same number
     of tokens after any prompt: each cut costs one prompt rendering, not one per reply.
     """
+    ended = finished if finished is not None else [True] * len(replies)
+    if len(ended) != len(replies):
+        raise ValueError(f"{len(replies)} replies but {len(ended)} finished flags")
     head, cuts = _cut_points(prompt)
-    full = [render_ids(tok, _with_reply(prompt, r)) for r in replies]
+    full = [_render_reply(tok, prompt, r, e) for r, e in zip(replies, ended)]
     p_len = len(render_for_completion(tok, prompt))
     suffix = [len(ids) - p_len for ids in full]
     if max(len(ids) for ids in full) <= seq_len or len(cuts) == 1:
@@ -160,8 +173,8 @@ def render_replies(tok: Any, prompt: list[dict], replies: list[str], seq_len: in
         p_len = p_min if dropped == len(cuts) - 1 else len(render_for_completion(tok, msgs))
         if p_len + need <= seq_len:
             break
-    return [render_ids(tok, _with_reply(msgs, r)) if p_len + n <= seq_len else None
-            for r, n in zip(replies, suffix)], dropped
+    return [_render_reply(tok, msgs, r, e) if p_len + n <= seq_len else None
+            for r, n, e in zip(replies, suffix, ended)], dropped
 
 
 def build_examples(tok: Any, cmps: list[Comparison], seq_len: int, margin_scale: float = 0.0,
@@ -170,7 +183,8 @@ def build_examples(tok: Any, cmps: list[Comparison], seq_len: int, margin_scale:
     out, st = [], RMDataStats()
     for c in cmps:
         st.comparisons += 1
-        seqs, dropped = render_replies(tok, c.prompt_dicts(), [r.content for r in c.responses], seq_len)
+        seqs, dropped = render_replies(tok, c.prompt_dicts(), [r.content for r in c.responses], seq_len,
+                                       [r.finished for r in c.responses])
         st.truncated_prompts += dropped > 0
         kept = {r.response_id: i for i, r in enumerate(c.responses) if seqs[i] is not None}
         st.skipped_replies += len(c.responses) - len(kept)
@@ -197,17 +211,19 @@ def build_examples(tok: Any, cmps: list[Comparison], seq_len: int, margin_scale:
     return out, st
 
 
-def render_scored(tok: Any, prompt: list[dict], reply: str, seq_len: int) -> tuple[list[int], bool, bool]:
+def render_scored(tok: Any, prompt: list[dict], reply: str, seq_len: int, finished: bool = True
+                  ) -> tuple[list[int], bool, bool]:
     """One (prompt, reply) for scoring: (ids, prompt truncated, hard-clipped).
 
-    Same policy as training; a reply too long even then is kept as its last `seq_len` tokens
-    (scoring must return a number, e.g. for a PPO rollout) and reported as clipped.
+    Same policy as training (an unfinished reply has no end-of-turn tokens); a reply too long even then is
+    kept as its last `seq_len` tokens (scoring must return a number, e.g. for a PPO rollout) and reported
+    as clipped.
     """
-    (ids,), dropped = render_replies(tok, prompt, [reply], seq_len)
+    (ids,), dropped = render_replies(tok, prompt, [reply], seq_len, [finished])
     if ids is not None:
         return ids, dropped > 0, False
     head, cuts = _cut_points(prompt)
-    return render_ids(tok, _with_reply(head + prompt[cuts[-1]:], reply))[-seq_len:], dropped > 0, True
+    return _render_reply(tok, head + prompt[cuts[-1]:], reply, finished)[-seq_len:], dropped > 0, True
 
 
 # ----------------------------------------------------------------------------- batches

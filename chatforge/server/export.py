@@ -103,10 +103,11 @@ class _Export:
         return msgs
 
     def response(self, c: Any, index: int, rid: str | None = None) -> dict:
-        content = next((ch["content"] for ch in c.choices if ch["index"] == index), "")
+        choice = next((ch for ch in c.choices if ch["index"] == index), {})
         params = {k: v for k, v in (c.params or {}).items() if k != "user"}
-        return {"response_id": rid or f"{c.id}:{index}", "content": self.scrub(content), "policy": c.run_id or c.model,
-                "params": params}
+        return {"response_id": rid or f"{c.id}:{index}", "content": self.scrub(choice.get("content") or ""),
+                "policy": c.run_id or c.model, "params": params,
+                **({"finish_reason": choice["finish_reason"]} if choice.get("finish_reason") else {})}
 
 
 def export_feedback(db: Any, out: str | Path, max_policy_age: int | None = None,

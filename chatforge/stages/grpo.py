@@ -44,7 +44,7 @@ from chatforge.core.distributed import (
 from chatforge.core.io import UserError
 from chatforge.core.log import print0
 from chatforge.core.model import count_params, save_model, unwrap
-from chatforge.core.rewards import make_reward_source
+from chatforge.core.rewards import make_reward_source, score_rollout
 from chatforge.core.rl import get_kl_estimator, group_advantages, masked_mean, masked_sum, ppo_policy_loss
 from chatforge.core.rollout import (
     GoldMonitor,
@@ -174,7 +174,7 @@ def run(cfg: GRPOConfig, out: Path, resume: bool = True) -> dict:
                 ref_logprobs = (reference_logprobs(ref, policy, *rows, ro_cfg.temperature, chunk)
                                 if use_ref else None)
             # 4. rewards and group advantages
-            rewards = torch.tensor(reward.score(ro.prompts, ro.texts), dtype=torch.float32, device=info.device)
+            rewards = torch.tensor(score_rollout(reward, tok, ro), dtype=torch.float32, device=info.device)
             advantages = group_advantages(rewards, k, cfg.grpo.scale)
             if any_rank(not bool(torch.isfinite(rewards).all() and torch.isfinite(old_logprobs).all()), info):
                 return {"train/loss": float("nan"), "_ok": False}

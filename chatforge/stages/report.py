@@ -504,7 +504,8 @@ def _evaluate_subject(s: Subject, prompts: list[dict], cfg: EvalConfig, data_dir
         from chatforge.evals.stats import bootstrap_ci
         from chatforge.stages.rm_eval import score_texts
 
-        scores = score_texts(rm[0], rm[1], [p["messages"] for p in prompts], s.replies, rm[2], cfg.batch_size)
+        scores = score_texts(rm[0], rm[1], [p["messages"] for p in prompts], s.replies, rm[2], cfg.batch_size,
+                             finished=[why != "length" for why in s.reasons] if s.reasons else None)
         lo, hi = bootstrap_ci(scores, n_boot=cfg.n_boot, seed=cfg.seed)
         r["rm"] = {"mean": float(np.mean(scores)), "lo": lo, "hi": hi, "n": len(scores), "scores": scores}
     del model

@@ -292,12 +292,14 @@ def best_of_n(reward: str, policy: str, prompts: str, ns: list[int], gold: str, 
     model, tok, src = load_model_and_tokenizer(policy)
     model.eval()
     n_max = max(ns)
-    samples = [generate_replies(model, tok, items, max_new_tokens=max_new_tokens, temperature=temperature,
-                                seed=seed + s)[0] for s in range(n_max)]
+    drawn = [generate_replies(model, tok, items, max_new_tokens=max_new_tokens, temperature=temperature,
+                              seed=seed + s) for s in range(n_max)]
     del model
+    samples = [texts for texts, _ in drawn]
+    ended = [[why != "length" for why in reasons] for _, reasons in drawn]  # both judges see cut-off replies
     proxy_src = make_reward_source(reward, device if device != "auto" else "cpu")
-    proxy = np.array([proxy_src.score(items, s) for s in samples])  # (n_max, prompts)
-    utility = np.array([gold_src.score(items, s) for s in samples])
+    proxy = np.array([proxy_src.score(items, s, e) for s, e in zip(samples, ended)])  # (n_max, prompts)
+    utility = np.array([gold_src.score(items, s, e) for s, e in zip(samples, ended)])
     rows = []
     for n in ns:
         pick = np.argmax(proxy[:n], axis=0)
