@@ -109,6 +109,9 @@ def test_models_health_and_chat_usage(server, client, tiny_tokenizer):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     content = choice.logprobs.content
     assert len(content) == r.usage.completion_tokens  # one entry per generated token: usage is exact
+    # the tokens' bytes are the reply's bytes (the stop token, when there is one, is not reply text)
+    raw = b"".join(bytes(e.bytes) for e in content[: len(content) - (choice.finish_reason == "stop")])
+    assert raw.decode("utf-8", errors="replace") == choice.message.content  # random tiny model: may cut a char
     if choice.finish_reason == "length":
         assert r.usage.completion_tokens == 12
     for e in content:  # greedy: the chosen token is the most likely one

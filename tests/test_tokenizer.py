@@ -35,3 +35,22 @@ def test_output_dir_loads_with_plain_transformers(tiny_tokenizer, tmp_path):
     assert tok.convert_tokens_to_ids("<|end|>") in stop_token_ids(tok)
     for special in ("<|bos|>", "<|eos|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"):
         assert len(tok.encode(special, add_special_tokens=False)) == 1
+
+
+def test_token_bytes_are_exact_for_parts_of_a_character(tiny_tokenizer):
+    """A byte-level token holding part of a multi-byte character decodes alone to U+FFFD; its bytes do not."""
+    from chatforge.core.tokenizer import token_bytes
+    from chatforge.server.api import _logprob_entries
+
+    tok = tiny_tokenizer
+    text = "Lily → 日本 ball"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in tok.decode([i]) for i in ids), "the probe must split a character across tokens"
+    assert b"".join(token_bytes(tok, i) for i in ids) == text.encode("utf-8")
+    entries = _logprob_entries(tok, [(i, -0.5, [(i, -0.5)]) for i in ids])
+    assert b"".join(bytes(e["bytes"]) for e in entries) == text.encode("utf-8")
+    partial = [e for e in entries if e["token"].startswith("bytes:")]
+    assert partial and all("\ufffd" not in e["token"] for e in entries)
+    assert partial[0]["token"] == "bytes:" + "".join(f"\\x{b:02x}" for b in partial[0]["bytes"])
+    eot = tok.convert_tokens_to_ids("<|end|>")
+    assert token_bytes(tok, eot) == b"<|end|>"

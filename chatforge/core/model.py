@@ -134,9 +134,42 @@ def merged(model: Any) -> Any:
     return bare
 
 
+ADAPTER_DIR = "adapter"
+"""Inside a LoRA run's model/: the adapter alone (peft's files) and `base.json` naming the model it adapts, so
+`serve` can keep one copy of a base shared by several adapters. model/ itself is the merged model."""
+
+
+def lora_adapter(model_dir: str | Path) -> tuple[Path, Path] | None:
+    """(adapter dir, base model dir) of a merged LoRA model that kept its adapter, while that base exists."""
+    import json
+
+    adir = Path(model_dir) / ADAPTER_DIR
+    try:
+        base = Path(json.loads((adir / "base.json").read_text(encoding="utf-8"))["base"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (adir, base) if (adir / "adapter_config.json").exists() and (base / "config.json").exists() else None
+
+
+def _save_adapter(bare: Any, out_dir: Path) -> None:
+    """A causal-LM peft model's adapter into out_dir/adapter (see ADAPTER_DIR)."""
+    import json
+
+    cfg = next(iter(getattr(bare, "peft_config", {}).values()), None)
+    task = str(getattr(cfg, "task_type", "") or "")
+    if cfg is None or not task.endswith("CAUSAL_LM") or not cfg.base_model_name_or_path:
+        return
+    base = Path(cfg.base_model_name_or_path)
+    if not (base / "config.json").exists():  # a hub id or a moved dir: nothing to share
+        return
+    bare.save_pretrained(out_dir / ADAPTER_DIR, safe_serialization=True)
+    (out_dir / ADAPTER_DIR / "base.json").write_text(json.dumps({"base": str(base.resolve())}), encoding="utf-8")
+
+
 def save_model(model: Any, tok: Any, out_dir: Path, is_main: bool = True, extra: dict[str, str] | None = None) -> None:
     """save_pretrained (safetensors) + tokenizer (+ `extra` text files), atomically: loadable with plain
-    transformers. An FSDP2-sharded model is gathered first (every rank calls this; `is_main` writes)."""
+    transformers. An FSDP2-sharded model is gathered first (every rank calls this; `is_main` writes). A LoRA
+    model is saved merged, with its adapter beside it in ADAPTER_DIR."""
     from chatforge.core.distributed import full_state_dict, is_sharded
 
     bare = unwrap(model)
@@ -148,6 +181,7 @@ def save_model(model: Any, tok: Any, out_dir: Path, is_main: bool = True, extra:
             bare.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         else:
             merged(model).save_pretrained(tmp, safe_serialization=True)
+            _save_adapter(bare, tmp)
         tok.save_pretrained(tmp)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")

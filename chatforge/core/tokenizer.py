@@ -166,6 +166,43 @@ def assistant_turn_suffix(tok: Any) -> list[int] | None:
     return suffix
 
 
+def token_bytes(tok: Any, token_id: int) -> bytes:
+    """The raw bytes one token stands for (OpenAI's `logprobs.content[].bytes`): a byte-level BPE token that
+    holds part of a multi-byte character decodes alone to U+FFFD, but its bytes are exact, and the bytes of a
+    reply's tokens concatenate to the reply's UTF-8. Byte-level BPE (GPT-2, Llama 3, SmolLM2) maps through the
+    byte alphabet, SentencePiece byte fallback (`<0xE2>`) through its hex, anything else through decode."""
+    piece = tok.convert_ids_to_tokens(int(token_id))
+    special = getattr(tok, "all_special_ids", None) or []
+    if piece is not None and int(token_id) not in special:
+        if _is_byte_level(tok):
+            table = _byte_decoder()
+            if all(ch in table for ch in piece):
+                return bytes(table[ch] for ch in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes.fromhex(piece[3:5])
+            except ValueError:
+                pass
+    return tok.decode([int(token_id)], skip_special_tokens=False, clean_up_tokenization_spaces=False).encode("utf-8")
+
+
+def _is_byte_level(tok: Any) -> bool:
+    backend = getattr(tok, "backend_tokenizer", None)
+    return backend is not None and type(backend.decoder).__name__ == "ByteLevel"
+
+
+def _byte_decoder() -> dict[str, int]:
+    global _BYTE_DECODER
+    if _BYTE_DECODER is None:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        _BYTE_DECODER = {ch: b for b, ch in bytes_to_unicode().items()}
+    return _BYTE_DECODER
+
+
+_BYTE_DECODER: dict[str, int] | None = None
+
+
 def render_conversation(tok: Any, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Render a whole conversation; return (ids, mask) with mask 1 exactly on assistant tokens.
 

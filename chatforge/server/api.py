@@ -164,9 +164,15 @@ async def complete_chat(m: Any, messages: list[dict], **kw: Any) -> tuple[str, s
 
 
 def _logprob_entries(tok: Any, entries: list[tuple]) -> list[dict]:
+    from chatforge.core.tokenizer import token_bytes
+
     def one(i: int, lp: float) -> dict:
-        s = tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+        raw = token_bytes(tok, i)  # exact even for part of a multi-byte character
+        try:
+            s = raw.decode("utf-8")
+        except UnicodeDecodeError:  # OpenAI's spelling for a token that is not whole UTF-8 on its own
+            s = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return {"token": s, "logprob": lp, "bytes": list(raw)}
 
     return [{**one(i, lp), "top_logprobs": [one(j, v) for j, v in (top or [])]} for i, lp, top in entries]
 

@@ -36,6 +36,9 @@ class ServedModel:
     scheduler: Any = None
     created: int = 0
     path: str = ""
+    base: str | None = None
+    """The base model dir whose one in-memory copy this model shares with others (a LoRA adapter on it, or the
+    base itself), or None for a model loaded on its own."""
 
 
 def _registry_entry(spec: str) -> dict | None:
@@ -69,21 +72,93 @@ def _resolve(spec: str) -> tuple[Path, str | None]:
     return path, entry["run_id"] if entry else None
 
 
-def load_served(spec: str, precision: str = "fp32") -> ServedModel:
-    """Resolve and load a --model spec for serving, exposed under its run id (if any) and a short name."""
-    from chatforge.core.model import for_inference, load_model_and_tokenizer
-
-    path, run_id = _resolve(spec)
-    model, tok, path = load_model_and_tokenizer(str(path))
-    model = for_inference(model, precision)
+def _served(spec: str, path: Path, run_id: str | None, model: Any, tok: Any, base: str | None = None) -> ServedModel:
+    """A loaded model exposed under its run id (if any) and a short name."""
     p = Path(path)
     short = p.parent.name if p.name == "model" else p.name
     short = spec if not Path(spec).exists() else short
     ident = run_id or short
     aliases = [a for a in dict.fromkeys([ident, short, spec]) if a]
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return ServedModel(id=ident, model=model, tok=tok, run_id=run_id, aliases=aliases, path=str(p),
+    return ServedModel(id=ident, model=model, tok=tok, run_id=run_id, aliases=aliases, path=str(p), base=base,
                        context=int(getattr(cfg, "max_position_embeddings", 2048) or 2048), created=int(time.time()))
+
+
+def load_served(spec: str, precision: str = "fp32") -> ServedModel:
+    """Resolve and load a --model spec for serving, on its own (no shared base)."""
+    from chatforge.core.model import for_inference, load_model_and_tokenizer
+
+    path, run_id = _resolve(spec)
+    model, tok, path = load_model_and_tokenizer(str(path))
+    return _served(spec, path, run_id, for_inference(model, precision), tok)
+
+
+class AdapterView:
+    """One served model that is a LoRA adapter on a base shared with other served models (or the base itself,
+    `name` = "__base__"). A call runs the shared peft model with this adapter on every row (peft's per-row
+    `adapter_names`) under the base's lock, so the schedulers of one base never interleave their forwards;
+    every other attribute is the peft model's."""
+
+    BASE = "__base__"
+
+    def __init__(self, peft_model: Any, name: str, lock: Any):
+        self._peft, self._name, self._lock = peft_model, name, lock
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        with self._lock:
+            return self._peft(*args, adapter_names=[self._name] * int(ids.shape[0]), **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._peft, name)
+
+
+def load_all_served(specs: list[str], precision: str = "fp32") -> list[ServedModel]:
+    """Load every --model spec. LoRA runs that kept their adapter (core.model.ADAPTER_DIR) and whose base is
+    used by two or more served models (adapters on it, or the base itself) share one copy of that base: the
+    base is loaded once, each adapter is added to it by name, and each served model runs as an AdapterView.
+    Everything else loads on its own (a lone LoRA run serves its merged model: no adapter cost per token)."""
+    import threading
+
+    from chatforge.core.model import for_inference, load_model_and_tokenizer, lora_adapter
+    from chatforge.core.tokenizer import load_tokenizer
+
+    resolved = [(spec, *_resolve(spec)) for spec in specs]
+    adapters = [lora_adapter(path) for _, path, _ in resolved]
+    key = [(a[1] if a else Path(path)).resolve() for (_, path, _), a in zip(resolved, adapters)]
+    users: dict[Path, set[Path]] = {}
+    for k, (_, path, _) in zip(key, resolved):
+        users.setdefault(k, set()).add(Path(path).resolve())  # one run named twice is one user
+    shared = {k for k, paths in users.items() if len(paths) > 1 and any(a and a[1].resolve() == k for a in adapters)}
+    groups: dict[Path, dict] = {}
+    out: list[ServedModel | None] = [None] * len(resolved)
+    for i, ((spec, path, run_id), a) in enumerate(zip(resolved, adapters)):
+        if key[i] not in shared:
+            model, tok, path = load_model_and_tokenizer(str(path))
+            out[i] = _served(spec, path, run_id, for_inference(model, precision), tok)
+            continue
+        g = groups.get(key[i])
+        if g is None:
+            base, base_tok, _ = load_model_and_tokenizer(str(key[i]))
+            g = groups[key[i]] = {"model": base, "tok": base_tok, "peft": None, "names": {}, "lock": threading.Lock()}
+        if a is None:  # the base itself
+            g["names"][i] = AdapterView.BASE
+            continue
+        name = f"a{len(g['names'])}"
+        if g["peft"] is None:
+            from peft import PeftModel
+
+            g["peft"] = PeftModel.from_pretrained(g["model"], str(a[0]), adapter_name=name, is_trainable=False)
+        else:
+            g["peft"].load_adapter(str(a[0]), adapter_name=name, is_trainable=False)
+        g["names"][i] = name
+    for k, g in groups.items():
+        peft_model = for_inference(g["peft"], precision)
+        for i, name in g["names"].items():
+            spec, path, run_id = resolved[i]
+            tok = g["tok"] if name == AdapterView.BASE else load_tokenizer(path)
+            out[i] = _served(spec, path, run_id, AdapterView(peft_model, name, g["lock"]), tok, base=str(k))
+    return [m for m in out if m is not None]
 
 
 def create_app(models: list[str | ServedModel] | None = None, db_url: str | None = None, no_auth: bool = False,
@@ -96,8 +171,10 @@ def create_app(models: list[str | ServedModel] | None = None, db_url: str | None
     from chatforge.server.scheduler import Scheduler
 
     served: list[ServedModel] = []
+    specs = [m for m in models or [DEFAULT_MODEL] if not isinstance(m, ServedModel)]
+    loaded = iter(load_all_served(specs, precision)) if specs else iter(())
     for spec in models or [DEFAULT_MODEL]:
-        m = spec if isinstance(spec, ServedModel) else load_served(spec, precision)
+        m = spec if isinstance(spec, ServedModel) else next(loaded)
         same = next((s for s in served if m.path and s.path == m.path), None)
         if same is not None:  # one model named twice (e.g. run dir and run id): one copy in memory
             same.aliases += [a for a in m.aliases if a not in same.aliases]
@@ -185,7 +262,8 @@ def serve(models: list[str] | None, db: str | None, host: str, port: int, no_aut
                      precision=precision)
     for m in app.state.served:
         others = ", ".join(a for a in m.aliases if a != m.id)
-        console.print(f"model {m.id}" + (f" (also: {others})" if others else "") + f" from {m.path}", soft_wrap=True)
+        console.print(f"model {m.id}" + (f" (also: {others})" if others else "") + f" from {m.path}"
+                      + (f" (LoRA on the shared base {m.base})" if m.base else ""), soft_wrap=True)
     console.print(f"OpenAI-compatible API on http://{host}:{port}/v1 (metrics: /metrics; Ctrl-C stops)", soft_wrap=True)
     if app.state.db is not None:
         console.print(f"web app on http://{host}:{port}/app/ (accounts: chatforge users create)", soft_wrap=True)

@@ -200,23 +200,14 @@ def _train_policy(cfg: LoopConfig, r: int, policy: str, rm_dir: Path, cmp_paths:
 
 
 def judged_outcomes(prompts: list[dict], replies_m: list[str], replies_b: list[str], judge: str,
-                    seed: int = 0) -> list[float]:
-    """Per prompt: 1 if the judge panel prefers M's reply, 0 if B's, 0.5 for a tie (majority vote)."""
+                    seed: int = 0, reasons_m: list[str] | None = None, reasons_b: list[str] | None = None
+                    ) -> list[float]:
+    """Per prompt: 1 if the judge panel prefers M's reply, 0 if B's, 0.5 for a tie (majority vote); finish
+    reasons let the judge see which replies were cut off at max_new_tokens."""
     from chatforge.stages.label import parse_labeler_spec
+    from chatforge.stages.report import judge_outcomes
 
-    labelers = parse_labeler_spec(judge, seed=seed)
-    out = []
-    for i, (p, a, b) in enumerate(zip(prompts, replies_m, replies_b)):
-        task = {"task_id": f"eval-{i}-{p.get('id', i)}", "prompt": {"messages": p["messages"]},
-                "meta": p.get("meta", {}), "responses": [{"response_id": "m", "content": a},
-                                                         {"response_id": "b", "content": b}]}
-        votes = []
-        for lab in labelers:
-            ranking = lab.rank(task)
-            votes.append(0.5 if len(ranking) == 1 else (1.0 if "m" in ranking[0] else 0.0))
-        mean = sum(votes) / len(votes)
-        out.append(1.0 if mean > 0.5 else 0.0 if mean < 0.5 else 0.5)
-    return out
+    return judge_outcomes(prompts, replies_m, replies_b, parse_labeler_spec(judge, seed=seed), reasons_m, reasons_b)
 
 
 def compare_models(model_m: str, model_b: str, prompts: list[dict], judge: str, max_new_tokens: int = 32,
@@ -241,11 +232,16 @@ def compare_models(model_m: str, model_b: str, prompts: list[dict], judge: str, 
         if missing:
             model, tok, _ = load_model_and_tokenizer(spec)
             model.eval()
-            for key, temp, seed in missing:
+            for key, temp, seed in missing:  # (texts, finish reasons)
                 cache[(spec, key)] = generate_replies(model, tok, prompts, max_new_tokens=max_new_tokens,
-                                                      temperature=temp, seed=seed)[0]
-    greedy_m, greedy_b = cache[(model_m, "greedy")], cache[(model_b, "greedy")]
-    outcomes = judged_outcomes(prompts, greedy_m, greedy_b, judge)
+                                                      temperature=temp, seed=seed)
+
+    def outcomes_of(key: str, judge_spec: str) -> list[float]:
+        (m, why_m), (b, why_b) = cache[(model_m, key)], cache[(model_b, key)]
+        return judged_outcomes(prompts, m, b, judge_spec, reasons_m=why_m, reasons_b=why_b)
+
+    greedy_m, greedy_b = cache[(model_m, "greedy")][0], cache[(model_b, "greedy")][0]
+    outcomes = outcomes_of("greedy", judge)
     res: dict = {"model": model_m, "baseline": model_b, "judge": judge, "decoding": "greedy",
                  "win_rate": win_rate(outcomes),
                  "length_controlled": length_controlled_win_rate(outcomes, [len(x.split()) for x in greedy_m],
@@ -254,7 +250,7 @@ def compare_models(model_m: str, model_b: str, prompts: list[dict], judge: str, 
                  "accuracy_baseline": task_accuracy(prompts, greedy_b)}
 
     def sampled(judge_spec: str) -> dict:
-        per = [judged_outcomes(prompts, cache[(model_m, k)], cache[(model_b, k)], judge_spec) for k, _, _ in draws[1:]]
+        per = [outcomes_of(k, judge_spec) for k, _, _ in draws[1:]]
         y = np.mean(np.array(per), axis=0)
         lo, hi = bootstrap_ci(y, np.mean)
         return {"win_rate": float(y.mean()), "ci_bootstrap": [float(lo), float(hi)], "n_prompts": len(y),
@@ -262,11 +258,11 @@ def compare_models(model_m: str, model_b: str, prompts: list[dict], judge: str, 
 
     if samples:
         res["panel_sampled"] = sampled(judge)
-        acc = [task_accuracy(prompts, cache[(m, k)])["all"]["accuracy"] for m in (model_m, model_b)
+        acc = [task_accuracy(prompts, cache[(m, k)][0])["all"]["accuracy"] for m in (model_m, model_b)
                for k, _, _ in draws[1:]]
         res["sampled_accuracy"] = {"model": float(np.mean(acc[:samples])), "baseline": float(np.mean(acc[samples:]))}
     if gold:
-        res["gold"] = {"judge": gold, "greedy": win_rate(judged_outcomes(prompts, greedy_m, greedy_b, gold)),
+        res["gold"] = {"judge": gold, "greedy": win_rate(outcomes_of("greedy", gold)),
                        **({"sampled": sampled(gold)} if samples else {})}
     return res
 
