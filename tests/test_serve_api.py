@@ -330,6 +330,32 @@ def test_batching_is_real_and_batch_invariant(server, client):
     assert together == alone
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_16_bit_weights_serve_the_engines_greedy_replies(tiny_tokenizer, precision):
+    """`serve --dtype bfloat16|float16`: the scheduler decodes a 16-bit model (its additive mask in the
+    model's dtype, logits upcast for sampling) to the same greedy tokens as core.generation on that model."""
+    from chatforge.core.generation import SamplingParams, generate
+    from chatforge.core.model import for_inference
+    from chatforge.core.tokenizer import stop_token_ids
+    from chatforge.server.app import ServedModel, create_app
+
+    tok = tiny_tokenizer
+    model = for_inference(_tiny(tok), precision)
+    assert next(model.parameters()).dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    prompts = ["Once upon a time", "The dog", "Tom and Lily went to"]
+    engine = generate(model, [render_for_completion(tok, _msgs(p)) for p in prompts],
+                      SamplingParams(max_new_tokens=24, temperature=0.0), stop_token_ids=stop_token_ids(tok),
+                      pad_id=tok.pad_token_id, tokenizer=tok)
+    served = ServedModel(id="tiny", model=model, tok=tok, aliases=["tiny"], context=CONTEXT)
+    with live(create_app([served], no_auth=True)) as base:
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+        replies = [c.chat.completions.create(model="tiny", messages=_msgs(p), max_tokens=24, temperature=0)
+                   for p in prompts]
+    assert [r.choices[0].message.content for r in replies] == [g[0].text for g in engine]
+    assert [r.usage.completion_tokens for r in replies] == [len(g[0].token_ids) for g in engine]
+    assert len({r.choices[0].message.content for r in replies}) > 1
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_disconnect_frees_the_slot(tiny_tokenizer, stream):
     """A client that goes away mid-reply (streaming or not) leaves nothing running, well before max_tokens."""

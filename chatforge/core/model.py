@@ -74,11 +74,13 @@ def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32) -> t
     return model, tok, path
 
 
-# Inference precisions for the engine, `chat` and `serve`. On CPU, decoding is bound by reading the weights
-# each token, so bf16 halves the bytes, but it is only faster where the CPU has a fast bf16 matmul (on the
-# dev machine it is slower: 21.4 vs 26.6 tok/s on SmolLM2). int8 dynamic quantisation of every Linear was
-# 1.6x faster but raised held-out loss by 73 %, so it is not offered (the bar is within 1 % of fp32).
-PRECISIONS = ("fp32", "bf16")
+# Inference precisions for the engine, `chat` and `serve`. On CPU, decoding one stream is bound by reading the
+# weights each token, so 16-bit weights halve the bytes; whether that is faster depends on the CPU's 16-bit matmul
+# (BENCHMARKS.md: on an AMD EPYC with AVX-512 BF16, SmolLM2 decodes fp16 3x and bf16 1.9x as fast as fp32; on an
+# Intel dev machine bf16 was slower). fp16 keeps bf16's held-out loss on SmolLM2 (within 1 % of fp32, measured);
+# int8 dynamic quantisation of every Linear raised it by 73 %, so it is not offered.
+PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def for_inference(model: Any, precision: str = "fp32") -> Any:
@@ -86,8 +88,8 @@ def for_inference(model: Any, precision: str = "fp32") -> Any:
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
     model.eval()
-    if precision == "bf16":
-        return model.to(torch.bfloat16)
+    if precision in _DTYPES:
+        return model.to(_DTYPES[precision])
     return model
 
 

@@ -1,0 +1,79 @@
+"""Single-stream decode speed through the server's scheduler: fp32 / bf16 / fp16 side by side.
+
+One person chatting feels the speed of one stream. This loads the model once per precision, builds the serving
+Scheduler for each, and sends the same request
+(one prompt, sampling at T 0.8, `--new-tokens` tokens, fixed seed, no stop) to each variant in turn,
+`--repeats` times alternated, so a noisy machine hits every variant alike. Tokens/s = generated tokens / the
+request's wall time (prefill included, as a chat user waits for it).
+
+    python benchmarks/single_stream.py --model smollm2-135m-instruct --new-tokens 128 --repeats 3 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+
+import torch
+
+from chatforge.core.tokenizer import render_for_completion
+from chatforge.server.app import load_served
+from chatforge.server.scheduler import GenRequest, RowParams, Scheduler
+
+
+def run_once(sched: Scheduler, prompt_ids: list[int], new_tokens: int) -> tuple[int, float]:
+    """Submit one request, wait for its end; (generated tokens, seconds)."""
+    req = GenRequest(prompt_ids, RowParams(temperature=0.8, max_new_tokens=new_tokens, seed=0, stop=[]), n=1)
+    done = threading.Event()
+    finish = sched._finish
+
+    def on_finish(r: GenRequest, reason: str) -> None:
+        finish(r, reason)
+        if r is req:
+            done.set()
+
+    sched._finish = on_finish  # type: ignore[method-assign]
+    t0 = time.perf_counter()
+    sched.submit(req)
+    done.wait()
+    dt = time.perf_counter() - t0
+    sched._finish = finish  # type: ignore[method-assign]
+    return req.generated, dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precisions", default="fp32,bf16,fp16")
+    ap.add_argument("--prompt", default="Write a short story about a robot who learns to paint.")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    scheds: dict[str, Scheduler] = {}
+    prompt_ids: list[int] = []
+    for precision in args.precisions.split(","):
+        served = load_served(args.model, precision)
+        prompt_ids = render_for_completion(served.tok, [{"role": "user", "content": args.prompt}])
+        scheds[precision] = Scheduler(served.model, served.tok, [], max_batch=1, model_name=precision)
+
+    rates: dict[str, list[float]] = {v: [] for v in scheds}
+    for rep in range(args.repeats):
+        for variant, sched in scheds.items():
+            n, dt = run_once(sched, list(prompt_ids), args.new_tokens)
+            rates[variant].append(n / dt)
+            print(f"repeat {rep}: {variant} {n} tokens in {dt:.2f} s = {n / dt:.1f} tok/s", flush=True)
+    base = max(rates[next(iter(rates))])
+    summary = {v: {"best_tok_s": round(max(r), 1), "median_tok_s": round(sorted(r)[len(r) // 2], 1),
+                   "x_first": round(max(r) / base, 2)} for v, r in rates.items()}
+    print(json.dumps(summary, indent=1))
+    for s in scheds.values():
+        s.close()
+
+
+if __name__ == "__main__":
+    main()
