@@ -12,8 +12,8 @@ request's wall time (prefill included, as a chat user waits for it).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
-import threading
 import time
 
 import torch
@@ -23,24 +23,17 @@ from chatforge.server.app import load_served
 from chatforge.server.scheduler import GenRequest, RowParams, Scheduler
 
 
-def run_once(sched: Scheduler, prompt_ids: list[int], new_tokens: int) -> tuple[int, float]:
-    """Submit one request, wait for its end; (generated tokens, seconds)."""
-    req = GenRequest(prompt_ids, RowParams(temperature=0.8, max_new_tokens=new_tokens, seed=0, stop=[]), n=1)
-    done = threading.Event()
-    finish = sched._finish
-
-    def on_finish(r: GenRequest, reason: str) -> None:
-        finish(r, reason)
-        if r is req:
-            done.set()
-
-    sched._finish = on_finish  # type: ignore[method-assign]
+async def run_once(sched: Scheduler, prompt_ids: list[int], new_tokens: int) -> tuple[int, float]:
+    """Submit one request and read its events until "done", as the API does; (generated tokens, seconds)."""
+    req = GenRequest(prompt_ids, RowParams(temperature=0.8, max_new_tokens=new_tokens, seed=0, stop=[]), n=1,
+                     loop=asyncio.get_running_loop(), events=asyncio.Queue())
     t0 = time.perf_counter()
     sched.submit(req)
-    done.wait()
-    dt = time.perf_counter() - t0
-    sched._finish = finish  # type: ignore[method-assign]
-    return req.generated, dt
+    while (event := await req.events.get())[0] not in ("done", "error"):
+        pass
+    if event[0] == "error":
+        raise RuntimeError(event[2])
+    return event[3], time.perf_counter() - t0
 
 
 def main() -> None:
@@ -64,7 +57,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {v: [] for v in scheds}
     for rep in range(args.repeats):
         for variant, sched in scheds.items():
-            n, dt = run_once(sched, list(prompt_ids), args.new_tokens)
+            n, dt = asyncio.run(run_once(sched, list(prompt_ids), args.new_tokens))
             rates[variant].append(n / dt)
             print(f"repeat {rep}: {variant} {n} tokens in {dt:.2f} s = {n / dt:.1f} tok/s", flush=True)
     base = max(rates[next(iter(rates))])

@@ -238,18 +238,18 @@ def serve(
                               "campaign of ranking tasks sampled from the model and a demonstration prompt set."),
 ) -> None:
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /metrics) with batching."""
+    from chatforge.core.model import PRECISION_OF_DTYPE, PRECISIONS
     from chatforge.server.app import default_db_url
     from chatforge.server.app import serve as run_server
 
-    precisions = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16",
-                  "fp16": "fp16"}
-    if dtype not in precisions:
-        raise UserError(f"--dtype must be float32, bfloat16 or float16, not '{dtype}'")
+    precision = PRECISION_OF_DTYPE.get(dtype, dtype)
+    if precision not in PRECISIONS:
+        raise UserError(f"--dtype must be {', '.join(PRECISION_OF_DTYPE)}, not '{dtype}'")
     if max_batch < 1 or queue_size < 1:
         raise UserError("--max-batch and --queue-size must be >= 1")
     db_url = None if db == "none" else (db or default_db_url())
     run_server(list(model) if model else None, db_url, host, port, no_auth, max_batch, queue_size,
-               precisions[dtype], demo=demo)
+               precision, demo=demo)
 
 
 def _rl_command(stage_name: str, cfg_name: str, policy: str | None, reward: str | None, prompts: str | None,

@@ -80,6 +80,7 @@ def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32) -> t
 # Intel dev machine bf16 was slower). fp16 keeps bf16's held-out loss on SmolLM2 (within 1 % of fp32, measured);
 # int8 dynamic quantisation of every Linear raised it by 73 %, so it is not offered.
 PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISION_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch's names, as --dtype takes
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
