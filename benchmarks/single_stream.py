@@ -1,9 +1,10 @@
 """Single-stream decode speed through the server's scheduler: fp32 / bf16 / fp16 side by side.
 
-One person chatting feels the speed of one stream. This loads the model once per precision, builds the serving
-Scheduler for each, and sends the same request
-(one prompt, sampling at T 0.8, `--new-tokens` tokens, fixed seed, no stop) to each variant in turn,
-`--repeats` times alternated, so a noisy machine hits every variant alike. Tokens/s = generated tokens / the
+One person chatting feels the speed of one stream. This loads the model once per precision off the main thread
+(as `chatforge serve` does, server.app.off_main_thread), and for every run starts a serving Scheduler, sends it the
+same request (one prompt, sampling at T 0.8, `--new-tokens` tokens, fixed seed, no stop) and closes it (one
+scheduler thread alive at a time, as in a one-model server), each variant in turn, `--repeats` times alternated,
+so a noisy machine hits every variant alike. Tokens/s = generated tokens / the
 request's wall time (prefill included, as a chat user waits for it).
 
     python benchmarks/single_stream.py --model smollm2-135m-instruct --new-tokens 128 --repeats 3 --threads 2
@@ -19,7 +20,7 @@ import time
 import torch
 
 from chatforge.core.tokenizer import render_for_completion
-from chatforge.server.app import load_served
+from chatforge.server.app import load_served, off_main_thread
 from chatforge.server.scheduler import GenRequest, RowParams, Scheduler
 
 
@@ -47,25 +48,22 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    scheds: dict[str, Scheduler] = {}
-    prompt_ids: list[int] = []
-    for precision in args.precisions.split(","):
-        served = load_served(args.model, precision)
-        prompt_ids = render_for_completion(served.tok, [{"role": "user", "content": args.prompt}])
-        scheds[precision] = Scheduler(served.model, served.tok, [], max_batch=1, model_name=precision)
+    served = off_main_thread(lambda: {p: load_served(args.model, p) for p in args.precisions.split(",")})
+    tok = next(iter(served.values())).tok
+    prompt_ids = render_for_completion(tok, [{"role": "user", "content": args.prompt}])
 
-    rates: dict[str, list[float]] = {v: [] for v in scheds}
+    rates: dict[str, list[float]] = {v: [] for v in served}
     for rep in range(args.repeats):
-        for variant, sched in scheds.items():
+        for variant, m in served.items():
+            sched = Scheduler(m.model, m.tok, [], max_batch=1, model_name=variant)
             n, dt = asyncio.run(run_once(sched, list(prompt_ids), args.new_tokens))
+            sched.close()
             rates[variant].append(n / dt)
             print(f"repeat {rep}: {variant} {n} tokens in {dt:.2f} s = {n / dt:.1f} tok/s", flush=True)
     base = max(rates[next(iter(rates))])
     summary = {v: {"best_tok_s": round(max(r), 1), "median_tok_s": round(sorted(r)[len(r) // 2], 1),
                    "x_first": round(max(r) / base, 2)} for v, r in rates.items()}
     print(json.dumps(summary, indent=1))
-    for s in scheds.values():
-        s.close()
 
 
 if __name__ == "__main__":

@@ -407,14 +407,19 @@ def bench(
     tasks_per_labeler: int | None = typer.Option(None, "--tasks-per-labeler", help="labelers: tasks each (default 4)."),
     device: str | None = typer.Option(None, "--device", help="pretrain: cpu | cuda (default: cuda when present; "
                                       "on CUDA a ~163M model, bf16, compiled, MFU vs the GPU's bf16 peak)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="serve: the server's --dtype (float32 | bfloat16 | "
+                                     "float16; default float32)."),
 ) -> None:
     """Throughput, MFU vs the measured matmul peak, peak memory; side by side with a peer where one exists."""
     import json
 
     from chatforge.bench import run_bench
+    from chatforge.core.model import PRECISION_OF_DTYPE
 
+    if dtype is not None and dtype not in PRECISION_OF_DTYPE:
+        raise UserError(f"--dtype must be {', '.join(PRECISION_OF_DTYPE)}, not '{dtype}'")
     result = run_bench(stage, quick=quick, model_path=model, batch=batch, db_url=db, labelers=labelers,
-                       tasks_per_labeler=tasks_per_labeler, device=device)
+                       tasks_per_labeler=tasks_per_labeler, device=device, dtype=dtype)
     if out:
         from chatforge.core.io import write_json
 
