@@ -40,6 +40,8 @@ def main() -> None:
                     help="prompts left out of the test set (the RL runs' gold validation prompts)")
     ap.add_argument("--samples", type=int, default=2, help="sampled replies per prompt (paired seeds 0..S-1)")
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the rollouts' by default)")
+    ap.add_argument("--rm", help="also the paired change of this reward model's normalised score (e.g. the RM the "
+                    "RL runs were trained against)")
     ap.add_argument("--out", type=Path, help="write every comparison as JSON here")
     a = ap.parse_args()
     from chatforge.data.tasks import normalize_prompt, prompt_text
@@ -53,7 +55,7 @@ def main() -> None:
     results = []
     for spec in a.models:
         res = compare_models(spec, a.sft, prompts, JUDGE, a.max_new_tokens, cache, gold=GOLD, samples=a.samples,
-                             temperature=a.temperature)
+                             temperature=a.temperature, rm=a.rm)
         stored.update({f"{s}\x00{k}\x00{tag}": list(v) for (s, k), v in cache.items()})
         write_json(a.cache, stored)
         results.append(res)
@@ -64,6 +66,9 @@ def main() -> None:
             sa = res["sampled_accuracy"]
             line += [f"sampled accuracy {sa['baseline']:.3f} -> {sa['model']:.3f}",
                      f"gold sampled {_ci(res['gold']['sampled'])}", f"panel sampled {_ci(res['panel_sampled'])}"]
+        if a.rm:
+            d = res["rm_score"].get("sampled", res["rm_score"]["greedy"])
+            line.append(f"RM score change {d['change']:+.3f} ({d['ci_bootstrap'][0]:+.3f} to {d['ci_bootstrap'][1]:+.3f})")
         print("; ".join(line), flush=True)
     if a.out:
         write_json(a.out, results)

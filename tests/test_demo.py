@@ -36,6 +36,9 @@ def test_demo_quick_fills_every_stage(demo_dir):
         assert wr["n"] > 0
         assert 0 <= wr["ci_wilson"][0] <= wr["win_rate"] <= wr["ci_wilson"][1] <= 1
         assert ev["policy_metrics"]["final_kl"] is not None
+        rms = ev["vs_sft"]["rm_score"]  # the round's own RM on the eval prompts, policy vs SFT
+        assert rms["rm"] == str(rdir / "rm") and rms["greedy"]["n_prompts"] == wr["n"]
+        assert "rm_score" not in ev["vs_previous"]  # only against SFT
     # round 2's reward model continued from round 1's and saw both rounds' comparisons
     rm2 = json.loads((demo_dir / "loop/round-2/rm/manifest.json").read_text())
     assert "round-1/rm" in rm2["config"]["model"] and len(rm2["config"]["data"]["paths"]) == 2
@@ -116,6 +119,42 @@ def test_loop_round_with_best_of_n_distillation(demo_dir, tmp_path):
     assert json.loads((pol / "manifest.json").read_text())["stage"] == "bon"
     picks = [json.loads(x) for x in (pol / "round-1" / "picks.jsonl").read_text().splitlines()]
     assert len(picks) == 4 and all(p["meta"]["reward"] == str(out / "round-2" / "rm") for p in picks)
+
+
+def test_rm_score_change_is_the_paired_mean_difference(demo_dir):
+    """rm_score_change equals a hand computation from score_texts: per-prompt differences, sampled draws averaged
+    per prompt first; a cut-off reply is scored without the end-of-turn tokens, so the same text cut off and
+    finished differ."""
+    import numpy as np
+
+    from chatforge.core.reward_model import load_reward_model, score_texts
+    from chatforge.stages.loop import rm_score_change
+    from chatforge.stages.sample import load_prompts
+
+    rm = str(demo_dir / "loop" / "round-1" / "rm")
+    prompts = load_prompts("tasks-heldout:1:3")
+    n = len(prompts)
+    m = [f"answer {i} is yes" for i in range(n)]
+    b = ["no" for _ in range(n)]
+    stop, cut = ["stop"] * n, ["length"] * n
+    res = rm_score_change(rm, prompts, {"greedy": ((m, stop), (b, stop)), "T1-s0": ((m, cut), (b, stop)),
+                                        "T1-s1": ((b, stop), (b, stop))})
+    model, tok, norm = load_reward_model(rm)
+    msgs = [p["messages"] for p in prompts]
+
+    def score(texts: list[str], why: list[str]) -> np.ndarray:
+        return np.array(score_texts(model, tok, msgs, texts, norm, finished=[w != "length" for w in why]))
+
+    sm, sb, smc = score(m, stop), score(b, stop), score(m, cut)
+    assert res["greedy"]["change"] == pytest.approx(float((sm - sb).mean()), abs=1e-6)
+    assert res["greedy"]["model"] == pytest.approx(float(sm.mean()), abs=1e-6)
+    per_prompt = ((smc - sb) + 0.0) / 2  # draw s1 is the same reply on both sides: difference 0
+    assert res["sampled"]["change"] == pytest.approx(float(per_prompt.mean()), abs=1e-6)
+    assert res["sampled"]["draws"] == 2 and res["greedy"]["n_prompts"] == n
+    assert not np.allclose(sm, smc)  # cut-off and finished replies score differently
+    for d in (res["greedy"], res["sampled"]):
+        lo, hi = d["ci_bootstrap"]
+        assert lo <= d["change"] <= hi
 
 
 def test_compare_models_sampled_replies_use_paired_seeds(tiny_tokenizer, tiny_model_factory, tmp_path):

@@ -211,10 +211,18 @@ def run(out: Path, quick: bool = False, base: str | None = None) -> dict:
     def gold(v: dict, decoding: str) -> dict | None:
         return v.get("gold", {}).get(decoding)
 
+    def rm_change(v: dict) -> str:
+        rms = v.get("rm_score")
+        if not rms:
+            return "-"
+        d = rms.get("sampled", rms["greedy"])
+        return f"{d['change']:+.3f} ({d['ci_bootstrap'][0]:+.3f} to {d['ci_bootstrap'][1]:+.3f})"
+
     table = Table(title="held-out task-suite prompts: gold = the panel's utility without noise (primary), "
                         "panel = the noisy labelers the RM learned from")
     cols = ["model", "task accuracy (greedy)", "gold win vs SFT, sampled (95% CI)", "gold win vs SFT, greedy",
-            "panel win vs SFT, greedy", "KL to SFT (eval)"] + ([f"gold win vs {Path(base).name}, sampled"] if base else [])
+            "panel win vs SFT, greedy", "own RM's score vs SFT, sampled (SFT stds, 95% CI)",
+            "KL to SFT (eval)"] + ([f"gold win vs {Path(base).name}, sampled"] if base else [])
     for col in cols:
         table.add_column(col, justify="right" if col != "model" else "left")
     first = loop_summary["rounds"][0]
@@ -222,10 +230,10 @@ def run(out: Path, quick: bool = False, base: str | None = None) -> dict:
     if base:
         vb = first["sft_vs_baseline"]
         table.add_row(f"{Path(base).name} (untouched)", f"{vb['accuracy_baseline']['all']['accuracy']:.3f}",
-                      "-", "-", "-", "-", "-")
+                      "-", "-", "-", "-", "-", "-")
         rows.append({"model": base, "accuracy": vb["accuracy_baseline"]["all"]["accuracy"]})
     vb = first.get("sft_vs_baseline", {})
-    table.add_row("SFT", f"{first['vs_sft']['accuracy_baseline']['all']['accuracy']:.3f}", "-", "-", "-", "0",
+    table.add_row("SFT", f"{first['vs_sft']['accuracy_baseline']['all']['accuracy']:.3f}", "-", "-", "-", "0", "0",
                   *([ci(gold(vb, "sampled") or vb["win_rate"])] if base else []))
     rows.append({"model": "sft", "accuracy": first["vs_sft"]["accuracy_baseline"]["all"]["accuracy"],
                  **({"vs_base": vb} if base else {})})
@@ -236,13 +244,13 @@ def run(out: Path, quick: bool = False, base: str | None = None) -> dict:
             kl = res["policy_metrics"].get("final_kl", res["policy_metrics"].get("objective/kl"))
         table.add_row(f"round {res['round']}" + (" (best-gold ckpt)" if str(res.get("policy", "")).endswith(
                           "best_gold") else ""), f"{v['accuracy_model']['all']['accuracy']:.3f}",
-                      ci(gold(v, "sampled")), ci(gold(v, "greedy")), ci(v["win_rate"]),
+                      ci(gold(v, "sampled")), ci(gold(v, "greedy")), ci(v["win_rate"]), rm_change(v),
                       "-" if kl is None else f"{kl:.2f}",
                       *([ci(gold(res["vs_baseline"], "sampled") or res["vs_baseline"]["win_rate"])] if base else []))
         rows.append({"model": f"round-{res['round']}", "policy": res.get("policy"),
                      "accuracy": v["accuracy_model"]["all"]["accuracy"], "gold_sampled": gold(v, "sampled"),
                      "gold_greedy": gold(v, "greedy"), "win_rate_vs_sft": v["win_rate"]["win_rate"],
-                     "ci": v["win_rate"]["ci_wilson"], "kl": kl, **({"vs_base": res["vs_baseline"]} if base else {})})
+                     "ci": v["win_rate"]["ci_wilson"], "kl": kl, "rm_score": v.get("rm_score"), **({"vs_base": res["vs_baseline"]} if base else {})})
     console.print(table)
     curves = sorted((out / "loop").glob("round-*/report/curves-*-ppo.png"))
     if curves:

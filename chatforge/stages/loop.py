@@ -212,13 +212,15 @@ def judged_outcomes(prompts: list[dict], replies_m: list[str], replies_b: list[s
 
 def compare_models(model_m: str, model_b: str, prompts: list[dict], judge: str, max_new_tokens: int = 32,
                    cache: dict | None = None, gold: str | None = None, samples: int = 0,
-                   temperature: float = 1.0) -> dict:
+                   temperature: float = 1.0, rm: str | None = None) -> dict:
     """Held-out task accuracy of both, and M's win rate over B (ties count half), with 95 % intervals.
 
     `win_rate`: greedy replies judged by `judge` (the noisy panel, Wilson and bootstrap intervals). With `gold`
     (a noise-free judge such as `rule`): `gold.greedy`, and with `samples` S > 0 also `gold.sampled` and
     `panel_sampled`: S replies per prompt at `temperature`, sample s drawn with seed s by both models (paired),
-    each prompt's mean outcome over its S pairs, bootstrap over prompts."""
+    each prompt's mean outcome over its S pairs, bootstrap over prompts. With `rm` (a reward model, e.g. the one
+    M was trained against): `rm_score`, its normalised score of both models' replies to the same held-out
+    prompts and the paired change M − B with a bootstrap 95 % interval, greedy and (with `samples`) sampled."""
     import numpy as np
 
     from chatforge.core.model import load_model_and_tokenizer
@@ -264,7 +266,38 @@ def compare_models(model_m: str, model_b: str, prompts: list[dict], judge: str, 
     if gold:
         res["gold"] = {"judge": gold, "greedy": win_rate(outcomes_of("greedy", gold)),
                        **({"sampled": sampled(gold)} if samples else {})}
+    if rm:
+        res["rm_score"] = rm_score_change(rm, prompts, {k: (cache[(model_m, k)], cache[(model_b, k)]) for k, _, _ in draws})
     return res
+
+
+def rm_score_change(rm: str, prompts: list[dict], replies: dict[str, tuple[tuple, tuple]]) -> dict:
+    """The reward model's normalised score of two models' replies to the same prompts, and the paired change.
+
+    `replies[key]` = ((texts M, finish reasons M), (texts B, finish reasons B)) for each decoding: "greedy", and
+    sampled draws (any other key), whose per-prompt differences are averaged over the draws before the bootstrap.
+    Cut-off replies are scored as the RM was trained (without end-of-turn tokens)."""
+    import numpy as np
+
+    from chatforge.core.reward_model import load_reward_model, score_texts
+    from chatforge.evals.stats import bootstrap_ci
+
+    model, tok, norm = load_reward_model(rm)
+    msgs = [p["messages"] for p in prompts]
+    scores = {key: [np.array(score_texts(model, tok, msgs, texts, norm, finished=[w != "length" for w in why]))
+                    for texts, why in pair] for key, pair in replies.items()}
+
+    def change(keys: list[str]) -> dict:
+        m = np.mean([scores[k][0] for k in keys], axis=0)
+        b = np.mean([scores[k][1] for k in keys], axis=0)
+        lo, hi = bootstrap_ci(m - b, np.mean)
+        return {"model": float(m.mean()), "baseline": float(b.mean()), "change": float((m - b).mean()),
+                "ci_bootstrap": [float(lo), float(hi)], "n_prompts": len(m), "draws": len(keys)}
+
+    out = {"rm": rm, "greedy": change(["greedy"])}
+    if len(replies) > 1:
+        out["sampled"] = change([k for k in replies if k != "greedy"])
+    return out
 
 
 def round_policy(pol_dir: Path) -> Path:
@@ -324,11 +357,12 @@ def run(cfg: LoopConfig, people: PeopleLabels | None = None, feedback: FeedbackS
         if eval_path.exists():
             res = json.loads(eval_path.read_text(encoding="utf-8"))
         else:
-            def vs(m: str, b: str) -> dict:
+            def vs(m: str, b: str, rm: str | None = None) -> dict:
                 return compare_models(m, b, eval_prompts, cfg.judge, cfg.eval_max_new_tokens, cache, gold=cfg.gold,
-                                      samples=cfg.eval_samples, temperature=cfg.eval_temperature)
+                                      samples=cfg.eval_samples, temperature=cfg.eval_temperature, rm=rm)
 
-            res = {"round": r, "policy": new_policy, "vs_previous": vs(new_policy, policy), "vs_sft": vs(new_policy, cfg.sft),
+            res = {"round": r, "policy": new_policy, "vs_previous": vs(new_policy, policy),
+                   "vs_sft": vs(new_policy, cfg.sft, str(rm_dir)),
                    **({"vs_baseline": vs(new_policy, cfg.baseline),
                        "sft_vs_baseline": vs(cfg.sft, cfg.baseline)} if cfg.baseline else {}),
                    "policy_metrics": {**(read_manifest(pol_dir) or {}).get("metrics", {}),
@@ -358,6 +392,11 @@ def run(cfg: LoopConfig, people: PeopleLabels | None = None, feedback: FeedbackS
             print0(f"round {r}: gold ({cfg.gold}) win rate vs SFT, sampled T {sampled['temperature']} x"
                    f"{sampled['samples']}: {sampled['win_rate']:.3f} (95% CI {sampled['ci_bootstrap'][0]:.3f}-"
                    f"{sampled['ci_bootstrap'][1]:.3f})")
+        rms = res["vs_sft"].get("rm_score")
+        if rms:
+            d = rms.get("sampled", rms["greedy"])
+            print0(f"round {r}: its reward model's held-out score vs SFT ({'sampled' if 'sampled' in rms else 'greedy'}"
+                   f", SFT stds) {d['change']:+.3f} (95% CI {d['ci_bootstrap'][0]:+.3f} to {d['ci_bootstrap'][1]:+.3f})")
     summary = {"out": str(out), "rounds": rounds}
     write_json(out / "loop_summary.json", summary)
     return summary
