@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint system-deps smollm2 clean
+.PHONY: install demo test bench lint system-deps smollm2 llama-cpp clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -35,6 +35,12 @@ demo: install
 test: install system-deps smollm2
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
+
+# llama.cpp for the single-stream comparison in `chatforge bench serve` (its own venv; compiles ~10 min):
+#   CHATFORGE_LLAMA_CPP_PYTHON=.venv-llama/bin/python chatforge bench serve --model smollm2-135m-instruct
+llama-cpp:
+	test -x .venv-llama/bin/python || python3 -m venv .venv-llama
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) .venv-llama/bin/pip install llama-cpp-python==0.3.36
 
 bench: install
 	$(VENV)/bin/chatforge bench pretrain
