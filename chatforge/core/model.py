@@ -122,9 +122,13 @@ def peft_lora_config(cfg: Any, task_type: str = "CAUSAL_LM") -> Any:
 
 def apply_lora(model: Any, cfg: Any, task_type: str = "CAUSAL_LM") -> Any:
     """Wrap `model` with LoRA adapters (peft); only adapter weights (and, for SEQ_CLS, the score head) train."""
+    import warnings
+
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_lora_config(cfg, task_type))
+    with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, peft_lora_config(cfg, task_type))
 
 
 def merged(model: Any) -> Any:
