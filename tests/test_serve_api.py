@@ -356,6 +356,41 @@ def test_16_bit_weights_serve_the_engines_greedy_replies(tiny_tokenizer, precisi
     assert len({r.choices[0].message.content for r in replies}) > 1
 
 
+def test_two_models_share_one_step_thread_and_answer_as_alone(tiny_tokenizer):
+    """Every model of a server is stepped by one thread (one OpenMP pool, StepThread): two models streaming at the
+    same time each give the greedy reply they give alone, and the thread ends when the server shuts down."""
+    import threading
+
+    from chatforge.server.app import ServedModel, create_app
+
+    tok = tiny_tokenizer
+    served = [ServedModel(id=f"m{i}", model=_tiny(tok, seed=i), tok=tok, aliases=[f"m{i}"], context=CONTEXT)
+              for i in (1, 2)]
+    before = set(threading.enumerate())  # other tests' servers may still be running
+    app = create_app(served, no_auth=True)
+    stepper = served[0].scheduler.stepper
+    assert served[1].scheduler.stepper is stepper and stepper.thread.is_alive()
+    with live(app) as base:
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+
+        def ask(model: str) -> str:
+            return c.chat.completions.create(model=model, messages=_msgs(), max_tokens=24, temperature=0).choices[0].message.content
+
+        alone = [ask("m1"), ask("m2")]
+        out: dict[str, str] = {}
+        workers = [threading.Thread(target=lambda m=m: out.__setitem__(m, "".join(
+            ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+                model=m, messages=_msgs(), max_tokens=24, temperature=0, stream=True)))) for m in ("m1", "m2")]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=60)
+        assert [out["m1"], out["m2"]] == alone and alone[0] != alone[1]
+        fresh = [t for t in threading.enumerate() if t not in before and t.name.startswith("scheduler")]
+        assert fresh == [stepper.thread]  # no thread per model
+    assert not stepper.thread.is_alive()
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_disconnect_frees_the_slot(tiny_tokenizer, stream):
     """A client that goes away mid-reply (streaming or not) leaves nothing running, well before max_tokens."""

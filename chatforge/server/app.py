@@ -166,11 +166,12 @@ def load_all_served(specs: list[str], precision: str = "fp32") -> list[ServedMod
 def create_app(models: list[str | ServedModel] | None = None, db_url: str | None = None, no_auth: bool = False,
                max_batch: int = MAX_BATCH, queue_size: int = QUEUE_SIZE, precision: str = "fp32",
                body_timeout_s: float = BODY_TIMEOUT_S, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The whole server: every model gets its own scheduler thread; `/v1/*`, `/health`, `/metrics`."""
+    """The whole server: every model gets its own scheduler, all stepped by one thread; `/v1/*`, `/health`,
+    `/metrics`."""
     from chatforge.core.generation import uses_fast_path
     from chatforge.core.tokenizer import stop_token_ids
     from chatforge.server import api
-    from chatforge.server.scheduler import Scheduler
+    from chatforge.server.scheduler import Scheduler, StepThread
 
     served: list[ServedModel] = []
     specs = [m for m in models or [DEFAULT_MODEL] if not isinstance(m, ServedModel)]
@@ -191,9 +192,10 @@ def create_app(models: list[str | ServedModel] | None = None, db_url: str | None
         for a in m.aliases or [m.id]:
             if by_name.setdefault(a, m) is not m and a == m.id:
                 raise UserError(f"two models would be served as '{a}'; serve one of them")
+    stepper = StepThread()  # one torch thread steps every model (see StepThread)
     for m in served:
         m.scheduler = Scheduler(m.model, m.tok, stop_token_ids(m.tok), max_batch=max_batch, queue_size=queue_size,
-                                metrics=metrics, model_name=m.id)
+                                metrics=metrics, model_name=m.id, stepper=stepper)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

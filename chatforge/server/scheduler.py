@@ -20,6 +20,8 @@ Design (llama.cpp's slots, vLLM's scheduler loop, on top of core/generation's ca
 - Text is tracked with the engine's `_TextTracker`, which holds back a possible stop-string prefix, so a
   streamed delta never shows part of a stop string.
 
+The steps run in a StepThread, shared by all the schedulers of a server (one torch thread, see StepThread).
+
 Events go back to the asyncio side through one `loop.call_soon_threadsafe` per step into each request's
 queue: `("delta", index, text, tokens)` with `tokens` a list of (id, logprob, top) (empty unless logprobs
 were asked for), `("done", index, finish_reason, completion_tokens)` and `("error", index, message)`.
@@ -96,11 +98,57 @@ class _Row:
     n: int = 0  # tokens generated
 
 
+class StepThread:
+    """The one thread that runs the decode steps of every scheduler attached to it, one step each in turn.
+
+    A server's models share one StepThread: besides interleaving their forwards fairly (two concurrent forwards
+    would oversubscribe the cores anyway), one torch thread means one OpenMP pool. libgomp throttles idle
+    workers' spinning once the process holds more OpenMP threads than CPUs, which made every small parallel op
+    pay a futex wake-up (server.app.off_main_thread has the measurement)."""
+
+    def __init__(self, name: str = "scheduler"):
+        self.schedulers: list[Scheduler] = []
+        self.wake = threading.Event()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def attach(self, sched: Scheduler) -> None:
+        with self.lock:
+            self.schedulers.append(sched)
+        if not self.thread.is_alive():
+            self.thread.start()
+
+    def detach(self, sched: Scheduler) -> None:
+        """Stop stepping `sched`; the thread ends with the last one (joined, so its OpenMP pool is freed)."""
+        with self.lock:
+            if sched in self.schedulers:
+                self.schedulers.remove(sched)
+            last = not self.schedulers
+        self.wake.set()
+        if last and self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.lock:
+                    if not self.schedulers:
+                        return
+                    busy = [s for s in self.schedulers if s.has_work()]
+                if not busy:
+                    self.wake.wait(0.5)
+                    self.wake.clear()
+                    continue
+                for sched in busy:
+                    sched.step_or_fail()
+
+
 class Scheduler:
-    """Owns `model` in a background thread; `submit` from any thread, events come back per request."""
+    """Owns `model`'s decoding, run by a StepThread (its own unless one is shared: `stepper`); `submit` from any
+    thread, events come back per request."""
 
     def __init__(self, model: Any, tok: Any, stop_ids: list[int], *, max_batch: int = 32, queue_size: int = 64,
-                 metrics: Any = None, model_name: str = "model"):
+                 metrics: Any = None, model_name: str = "model", stepper: StepThread | None = None):
         self.model, self.tok = model, tok
         self.max_batch, self.queue_size, self.model_name = max_batch, queue_size, model_name
         self.metrics = metrics.for_model(model_name, max_batch) if metrics is not None else None
@@ -109,7 +157,6 @@ class Scheduler:
         self.dtype = next(model.parameters()).dtype
         self.stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=self.device)
         self.waiting: queue.Queue[GenRequest] = queue.Queue()
-        self.wake = threading.Event()
         self.rows: list[_Row] = []
         self.cache: Cache | None = None
         # Per-row tensors, aligned with `rows` on dim 0:
@@ -123,8 +170,10 @@ class Scheduler:
         self.max_new = torch.zeros(0, dtype=torch.long, device=self.device)
         self.steps = 0
         self._stop = False
-        self.thread = threading.Thread(target=self._run, name=f"scheduler-{model_name}", daemon=True)
-        self.thread.start()
+        self._own_stepper = stepper is None
+        self.stepper = stepper if stepper is not None else StepThread(f"scheduler-{model_name}")
+        self.wake = self.stepper.wake
+        self.stepper.attach(self)
 
     # ------------------------------------------------------------------------------------------ public
 
@@ -139,11 +188,13 @@ class Scheduler:
 
     def close(self) -> None:
         self._stop = True
-        self.wake.set()
-        self.thread.join(timeout=10)
+        self.stepper.detach(self)
 
     def healthy(self) -> bool:
-        return self.thread.is_alive() and not self._stop
+        return self.stepper.thread.is_alive() and not self._stop
+
+    def has_work(self) -> bool:
+        return bool(self.rows) or not self.waiting.empty()
 
     @property
     def running(self) -> int:
@@ -151,17 +202,11 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------ loop
 
-    def _run(self) -> None:
-        with torch.inference_mode():
-            while not self._stop:
-                if not self.rows and self.waiting.empty():
-                    self.wake.wait(0.5)
-                    self.wake.clear()
-                    continue
-                try:
-                    self._step()
-                except Exception as e:  # never let one bad step kill the server: fail the active requests
-                    self._fail_all(f"{type(e).__name__}: {e}")
+    def step_or_fail(self) -> None:
+        try:
+            self._step()
+        except Exception as e:  # never let one bad step kill the server: fail the active requests
+            self._fail_all(f"{type(e).__name__}: {e}")
 
     def _fail_all(self, msg: str) -> None:
         for req in {id(r.req): r.req for r in self.rows}.values():
