@@ -19,7 +19,7 @@ from pathlib import Path
 
 from chatforge.core.io import write_json
 from chatforge.data.prompts import load_prompts
-from chatforge.stages.loop import compare_models
+from chatforge.stages.loop import compare_models, rm_change_text
 
 JUDGE, GOLD = "panel:rule*5:temperature=0.5", "rule"  # the panel the RM learned from; the gold without noise
 
@@ -67,8 +67,7 @@ def main() -> None:
             line += [f"sampled accuracy {sa['baseline']:.3f} -> {sa['model']:.3f}",
                      f"gold sampled {_ci(res['gold']['sampled'])}", f"panel sampled {_ci(res['panel_sampled'])}"]
         if a.rm:
-            d = res["rm_score"].get("sampled", res["rm_score"]["greedy"])
-            line.append(f"RM score change {d['change']:+.3f} ({d['ci_bootstrap'][0]:+.3f} to {d['ci_bootstrap'][1]:+.3f})")
+            line.append(f"RM score change {rm_change_text(res['rm_score'])}")
         print("; ".join(line), flush=True)
     if a.out:
         write_json(a.out, results)

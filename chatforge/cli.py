@@ -238,13 +238,11 @@ def serve(
                               "campaign of ranking tasks sampled from the model and a demonstration prompt set."),
 ) -> None:
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /metrics) with batching."""
-    from chatforge.core.model import PRECISION_OF_DTYPE, PRECISIONS
+    from chatforge.core.model import precision_of_dtype
     from chatforge.server.app import default_db_url
     from chatforge.server.app import serve as run_server
 
-    precision = PRECISION_OF_DTYPE.get(dtype, dtype)
-    if precision not in PRECISIONS:
-        raise UserError(f"--dtype must be {', '.join(PRECISION_OF_DTYPE)}, not '{dtype}'")
+    precision = precision_of_dtype(dtype)
     if max_batch < 1 or queue_size < 1:
         raise UserError("--max-batch and --queue-size must be >= 1")
     db_url = None if db == "none" else (db or default_db_url())
@@ -414,10 +412,10 @@ def bench(
     import json
 
     from chatforge.bench import run_bench
-    from chatforge.core.model import PRECISION_OF_DTYPE
+    from chatforge.core.model import precision_of_dtype
 
-    if dtype is not None and dtype not in PRECISION_OF_DTYPE:
-        raise UserError(f"--dtype must be {', '.join(PRECISION_OF_DTYPE)}, not '{dtype}'")
+    if dtype is not None:
+        precision_of_dtype(dtype)  # a bad value fails here, before the server subprocess starts
     result = run_bench(stage, quick=quick, model_path=model, batch=batch, db_url=db, labelers=labelers,
                        tasks_per_labeler=tasks_per_labeler, device=device, dtype=dtype)
     if out:

@@ -84,6 +84,14 @@ PRECISION_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"} 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def precision_of_dtype(dtype: str) -> str:
+    """The PRECISIONS name of a --dtype value (torch's name, or the precision itself); a clear error otherwise."""
+    precision = PRECISION_OF_DTYPE.get(dtype, dtype)
+    if precision not in PRECISIONS:
+        raise UserError(f"--dtype must be {', '.join(PRECISION_OF_DTYPE)}, not '{dtype}'")
+    return precision
+
+
 def for_inference(model: Any, precision: str = "fp32") -> Any:
     """The model in eval mode at `precision` (one of PRECISIONS)."""
     if precision not in PRECISIONS:

@@ -170,9 +170,7 @@ class Scheduler:
         self.max_new = torch.zeros(0, dtype=torch.long, device=self.device)
         self.steps = 0
         self._stop = False
-        self._own_stepper = stepper is None
         self.stepper = stepper if stepper is not None else StepThread(f"scheduler-{model_name}")
-        self.wake = self.stepper.wake
         self.stepper.attach(self)
 
     # ------------------------------------------------------------------------------------------ public
@@ -184,7 +182,7 @@ class Scheduler:
             raise QueueFull
         self.waiting.put(req)
         self._gauges()
-        self.wake.set()
+        self.stepper.wake.set()
 
     def close(self) -> None:
         self._stop = True

@@ -170,7 +170,7 @@ def run(out: Path, quick: bool = False, base: str | None = None) -> dict:
 
     _stage("4/5 rounds of RLHF: sample K → simulated panel ranks → reward model → PPO")
     t = time.perf_counter()
-    from chatforge.stages.loop import LoopConfig
+    from chatforge.stages.loop import LoopConfig, rm_change_text
     from chatforge.stages.loop import run as run_loop
 
     lcfg = load_config(LoopConfig, None, [
@@ -211,13 +211,6 @@ def run(out: Path, quick: bool = False, base: str | None = None) -> dict:
     def gold(v: dict, decoding: str) -> dict | None:
         return v.get("gold", {}).get(decoding)
 
-    def rm_change(v: dict) -> str:
-        rms = v.get("rm_score")
-        if not rms:
-            return "-"
-        d = rms.get("sampled", rms["greedy"])
-        return f"{d['change']:+.3f} ({d['ci_bootstrap'][0]:+.3f} to {d['ci_bootstrap'][1]:+.3f})"
-
     table = Table(title="held-out task-suite prompts: gold = the panel's utility without noise (primary), "
                         "panel = the noisy labelers the RM learned from")
     cols = ["model", "task accuracy (greedy)", "gold win vs SFT, sampled (95% CI)", "gold win vs SFT, greedy",
@@ -244,7 +237,8 @@ def run(out: Path, quick: bool = False, base: str | None = None) -> dict:
             kl = res["policy_metrics"].get("final_kl", res["policy_metrics"].get("objective/kl"))
         table.add_row(f"round {res['round']}" + (" (best-gold ckpt)" if str(res.get("policy", "")).endswith(
                           "best_gold") else ""), f"{v['accuracy_model']['all']['accuracy']:.3f}",
-                      ci(gold(v, "sampled")), ci(gold(v, "greedy")), ci(v["win_rate"]), rm_change(v),
+                      ci(gold(v, "sampled")), ci(gold(v, "greedy")), ci(v["win_rate"]),
+                      rm_change_text(v["rm_score"]) if v.get("rm_score") else "-",
                       "-" if kl is None else f"{kl:.2f}",
                       *([ci(gold(res["vs_baseline"], "sampled") or res["vs_baseline"]["win_rate"])] if base else []))
         rows.append({"model": f"round-{res['round']}", "policy": res.get("policy"),

@@ -300,6 +300,12 @@ def rm_score_change(rm: str, prompts: list[dict], replies: dict[str, tuple[tuple
     return out
 
 
+def rm_change_text(rms: dict) -> str:
+    """One line for an `rm_score` result: the sampled change (greedy without samples) and its 95 % interval."""
+    d = rms.get("sampled", rms["greedy"])
+    return f"{d['change']:+.3f} (95% CI {d['ci_bootstrap'][0]:+.3f} to {d['ci_bootstrap'][1]:+.3f})"
+
+
 def round_policy(pol_dir: Path) -> Path:
     """The model a round hands on: the checkpoint with the best validation gold when the run kept one
     (`gold.spec`), else the run's final model."""
@@ -394,9 +400,8 @@ def run(cfg: LoopConfig, people: PeopleLabels | None = None, feedback: FeedbackS
                    f"{sampled['ci_bootstrap'][1]:.3f})")
         rms = res["vs_sft"].get("rm_score")
         if rms:
-            d = rms.get("sampled", rms["greedy"])
             print0(f"round {r}: its reward model's held-out score vs SFT ({'sampled' if 'sampled' in rms else 'greedy'}"
-                   f", SFT stds) {d['change']:+.3f} (95% CI {d['ci_bootstrap'][0]:+.3f} to {d['ci_bootstrap'][1]:+.3f})")
+                   f", SFT stds) {rm_change_text(rms)}")
     summary = {"out": str(out), "rounds": rounds}
     write_json(out / "loop_summary.json", summary)
     return summary
