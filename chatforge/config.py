@@ -695,6 +695,14 @@ class EvalConfig:
     bias_file: str | None = None
     """A CrowS-Pairs-format CSV of your own (sent_more, sent_less, stereo_antistereo, bias_type): runs the
     CrowS-Pairs probe on it beside the embedded probes (every row, no subsample)."""
+    general: list[str] = field(default_factory=lambda: ["embedded:sft/oasst-best", "embedded:sft/self-instruct"])
+    """Human-written conversations outside the task suite (OpenAssistant, self-instruct): every model's held-out
+    loss on their assistant replies, and its own replies to their prompts scored by the rule labeler's general
+    utility, distinct-2 and repetition (the alignment tax). Conversations whose user turns occur in any model's
+    training data are left out; [] turns the section off."""
+    general_n: int = 48
+    """Conversations for the general-chat section (taken in turn from each `general` source)."""
+    general_max_new_tokens: int = 96
     max_new_tokens: int = 48
     temperature: float = 0.0
     batch_size: int = 16

@@ -9,7 +9,8 @@ import torch
 from helpers import make_data_dir, save_tiny_model
 
 from chatforge.core.io import UserError, sha256_path
-from chatforge.data.tasks import check_conversation, heldout_prompts, reference_of
+from chatforge.data.sft_data import load_conversations
+from chatforge.data.tasks import check_conversation, find_family, heldout_prompts, reference_of
 from chatforge.stages.report import EvalConfig, judge_outcomes, rm_outcomes, run
 
 PROMPTS = "tasks-heldout:2"  # 2 per family -> 16 prompts
@@ -74,8 +75,15 @@ def lineage(tmp_path_factory, tiny_tokenizer, tiny_model_factory):
     return {"root": root, "data": data, "pre": pre, "sft": sft, "ppo": ppo, "other": other, "rm": rm, "cmp": cmp}
 
 
+LOOP = "ball " * 30  # a degenerate reply to an open prompt: one word over and over
+GOOD = "Here is a short and clear answer to your question, with one example."
+
+
 def _planted(spec, model, tok, prompts):
-    """The ppo policy answers even prompts correctly; every other model says WRONG (cut off)."""
+    """The ppo policy answers even prompts correctly; every other model says WRONG (cut off). Open prompts (outside
+    the task suite): the ppo policy loops, every other model answers plainly."""
+    if find_family(prompts[0]) is None:
+        return [LOOP.strip() if spec.endswith("ppo") else GOOD] * len(prompts), ["stop"] * len(prompts)
     if spec.endswith("ppo"):
         replies = [reference_of(p) if i % 2 == 0 else WRONG for i, p in enumerate(prompts)]
         return replies, ["stop"] * len(prompts)
@@ -86,11 +94,13 @@ def _planted(spec, model, tok, prompts):
 def report(lineage):
     train = lineage["root"] / "train_prompts.jsonl"
     first = heldout_prompts(2)[0]  # plant one eval prompt in "training data" to trip the overlap check
-    train.write_text(json.dumps({"messages": first["messages"]}) + "\n")
+    # and the first OpenAssistant conversation, which the general-chat section must then leave out
+    trained = load_conversations(["embedded:sft/oasst-best:1"])[0]["messages"][:1]
+    train.write_text(json.dumps({"messages": first["messages"]}) + "\n" + json.dumps({"messages": trained}) + "\n")
     cfg = EvalConfig(model=str(lineage["ppo"]), baselines=[str(lineage["sft"]), str(lineage["other"])],
                      reward=str(lineage["rm"]), judge="panel:rule*3", sft_data="tasks:1", prompts=PROMPTS,
                      comparisons=[str(lineage["cmp"])], train_prompts=[str(train)], bias_max_examples=6,
-                     bias_bold_per_group=1, bias_new_tokens=4, n_boot=100, lm_batches=2, seq_len=64)
+                     bias_bold_per_group=1, bias_new_tokens=4, n_boot=100, lm_batches=2, seq_len=64, general_n=6)
     out = lineage["root"] / "report"
     return run(cfg, out, reply_fn=_planted), out
 
@@ -110,6 +120,34 @@ def test_every_section_written(report):
         assert r["text"]["end_of_turn_rate"] == (1.0 if label == "ppo-c" else 0.0)
     assert rep["rm_accuracy"]["pairs"] == 4 and 0 <= rep["rm_accuracy"]["accuracy"] <= 1
     assert set(rep["bias_delta"]) == {"sft-b", "other"} and "bbq.acc_ambig" in rep["bias_delta"]["sft-b"]
+
+
+def test_general_chat_measures_the_alignment_tax(report):
+    """Open prompts outside the task suite: the looping model's utility, distinct-2 and repetition are worse than
+    the plain answers' with intervals that exclude no change; the held-out loss on human replies is each model's
+    own; a conversation whose prompt is in the training data is left out."""
+    from chatforge.data.utility import rule_utility
+
+    rep, out = report
+    g = rep["general"]
+    assert g["n"] == 6 and len(g["samples"]) == 6
+    held_out = [x["prompt"] for x in g["samples"]]
+    oasst = load_conversations(["embedded:sft/oasst-best"])
+    assert oasst[0]["messages"][-2]["content"] not in held_out  # its opening prompt is in train_prompts
+    assert held_out[0] == oasst[1]["messages"][-2]["content"]  # the next one is used (sources taken in turn)
+    ppo, sft = rep["models"]["ppo-c"]["general"], rep["models"]["sft-b"]["general"]
+    assert ppo["utility"]["mean"] == pytest.approx(rule_utility({"messages": []}, LOOP.strip()))
+    assert sft["utility"]["mean"] == pytest.approx(rule_utility({"messages": []}, GOOD))
+    assert ppo["repetition"]["mean"] == 1.0 and sft["repetition"]["mean"] == 0.0
+    assert ppo["distinct_2"]["mean"] < sft["distinct_2"]["mean"]
+    d = g["delta"]["sft-b"]
+    assert d["utility"]["delta"] == pytest.approx(ppo["utility"]["mean"] - sft["utility"]["mean"])
+    assert d["utility"]["hi"] < 0 and d["utility"]["n"] == 6
+    assert ppo["loss"]["n"] > 0 and ppo["loss"]["mean"] != pytest.approx(sft["loss"]["mean"])  # different weights
+    assert d["loss"]["delta"] == pytest.approx(
+        sum(a - b for a, b in zip(ppo["loss"]["per"], sft["loss"]["per"]) if a is not None and b is not None)
+        / d["loss"]["n"])
+    assert "## General chat (the alignment tax)" in (out / "report.md").read_text()
 
 
 def test_task_accuracy_matches_direct_computation(report):

@@ -96,6 +96,33 @@ def _evaluated_kl(round_dir: Path) -> float | None:
     return next((m["kl"]["eval"] for m in models.values() if (m.get("kl") or {}).get("eval") is not None), None)
 
 
+def _general_table(report_path: Path) -> dict:
+    """Print the last round's general-chat section (open prompts outside the task suite: the alignment tax) and
+    return it per model: held-out loss on human replies, general utility, distinct-2, repetition."""
+    if not report_path.exists():
+        return {}
+    from rich.table import Table
+
+    rep = json.loads(report_path.read_text(encoding="utf-8"))
+    models = {lab: r["general"] for lab, r in rep["models"].items() if r.get("general")}
+    if not models:
+        return {}
+    table = Table(title=f"general chat: {rep['general']['n']} held-out human-written conversations outside the task "
+                        "suite (95% CI)")
+    for col in ("model", "held-out loss on human replies", "general utility (rule)", "distinct-2", "repetition"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+
+    def ci(v: dict) -> str:
+        return f"{v['mean']:.3f} ({v['lo']:.3f}-{v['hi']:.3f})" if v.get("mean") is not None else "-"
+
+    for lab, g in reversed(list(models.items())):  # base, SFT, ..., the round's policy
+        table.add_row(lab, ci(g["loss"]), ci(g["utility"]), ci(g["distinct_2"]), ci(g["repetition"]))
+    console.print(table)
+    return {lab: {k: {x: g[k].get(x) for x in ("mean", "lo", "hi")} for k in ("loss", "utility", "distinct_2",
+                                                                          "repetition")}
+            for lab, g in models.items()} | {"delta": rep["general"]["delta"]}
+
+
 def _done(run_dir: Path) -> bool:
     m = read_manifest(run_dir) if run_dir.exists() else None
     return bool(m and m.get("status") == "completed")
@@ -177,7 +204,8 @@ def run(out: Path, quick: bool = False, base: str | None = None) -> dict:
         f"rounds={sizes.rounds}", f"prompts=tasks:{sizes.sample_prompts_per_family}", f"k={sizes.k}",
         f"sample_max_new_tokens={sizes.reply_tokens}", f"eval_max_new_tokens={sizes.reply_tokens}",
         f"eval_prompts=tasks-heldout:{sizes.eval_per_family}:1", f"algo_prompts=tasks:{sizes.ppo_prompts_per_family}",
-        f"report_bias={str(sizes.report_bias).lower()}", f"eval_samples={0 if quick else 2}"])
+        f"report_bias={str(sizes.report_bias).lower()}", f"eval_samples={0 if quick else 2}",
+        f"report_general={4 if quick else 48}"])
     gold_prompts = next((x.split("=", 1)[1] for x in sizes.rl if x.startswith("gold.prompts=")),
                         "tasks-heldout:4:977" if any(x.startswith("gold.spec=") for x in sizes.rl) else None)
     lcfg.eval_exclude = gold_prompts
@@ -246,12 +274,14 @@ def run(out: Path, quick: bool = False, base: str | None = None) -> dict:
                      "gold_greedy": gold(v, "greedy"), "win_rate_vs_sft": v["win_rate"]["win_rate"],
                      "ci": v["win_rate"]["ci_wilson"], "kl": kl, "rm_score": v.get("rm_score"), **({"vs_base": res["vs_baseline"]} if base else {})})
     console.print(table)
+    general = _general_table(out / "loop" / f"round-{loop_summary['rounds'][-1]['round']}" / "report" / "report.json")
     curves = sorted((out / "loop").glob("round-*/report/curves-*-ppo.png"))
     if curves:
         console.print("gold and proxy against sqrt(KL) (over-optimisation): " + ", ".join(map(str, curves)))
     pretrained = start if base else str(Path(start) / "model")
     summary = {"out": str(out), "quick": quick, "base": base,
-               "timings_s": {k: round(v, 1) for k, v in timings.items()}, "table": rows, "artifacts": {
+               "timings_s": {k: round(v, 1) for k, v in timings.items()}, "table": rows, "general": general,
+               "artifacts": {
                    **({} if base else {"data": str(out / "data")}), "pretrained": pretrained,
                    "sft": str(sft_dir / "model"),
                    "rounds": [str(out / "loop" / f"round-{r['round']}") for r in loop_summary["rounds"]]}}

@@ -111,6 +111,9 @@ class LoopConfig:
     report: bool = True
     """Write each round's full `chatforge eval` report (round-N/report/), linked to the previous one."""
     report_bias: bool = True
+    report_general: int = 48
+    """Held-out human-written conversations outside the task suite in each round's report (general chat, the
+    alignment tax; `chatforge eval`'s general_n); 0 = off."""
     baseline: str | None = None
     """Another model (e.g. the untouched pretrained chat model the SFT started from): each round also judges
     its policy, and the SFT model, against it (eval.json: vs_baseline, sft_vs_baseline)."""
@@ -381,9 +384,13 @@ def run(cfg: LoopConfig, people: PeopleLabels | None = None, feedback: FeedbackS
             from chatforge.stages.report import run as run_report
 
             prev = out / f"round-{r - 1}" / "report"
-            run_report(EvalConfig(model=new_policy, baselines=[policy] if policy == cfg.sft else [policy, cfg.sft],
+            # the untouched base too (when given): general chat is measured against it (the alignment tax)
+            baselines = [policy] if policy == cfg.sft else [policy, cfg.sft]
+            run_report(EvalConfig(model=new_policy, baselines=baselines + ([cfg.baseline] if cfg.baseline else []),
                                   reward=str(rm_dir), judge=cfg.judge, prompts=cfg.eval_prompts,
                                   comparisons=[str(cmp_path)], bias=cfg.report_bias,
+                                  general=EvalConfig().general if cfg.report_general else [],
+                                  general_n=cfg.report_general,
                                   previous=str(prev) if prev.exists() else None,
                                   max_new_tokens=cfg.eval_max_new_tokens), report_dir)
         _register(rdir)

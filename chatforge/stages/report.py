@@ -64,6 +64,7 @@ class Subject:
     kl_rows: list[tuple[list[int], list[int]]] = field(default_factory=list)
     kl_logps: Any = None
     kl_vocab: dict | None = None
+    general_replies: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- lineage
@@ -354,6 +355,102 @@ def measure_kl(s: Subject, prompts: list[dict], cfg: EvalConfig) -> dict | None:
     return {**out, "eval": float(kl.mean()), "lo": lo, "hi": hi, "n": len(kl)}
 
 
+# ----------------------------------------------------------------------------- general chat (the alignment tax)
+
+
+def load_general(specs: list[str], n: int, exclude: set[str]) -> list[dict]:
+    """Up to `n` human-written conversations that end in an assistant turn, taken in turn from each spec, none of
+    whose user turns occurs in `exclude` (prompt keys of the models' training data) and one per opening prompt
+    (OASST paths of one tree share it): the held-out set on which the alignment tax is measured."""
+    from chatforge.data.sft_data import load_conversations
+
+    pools, seen = [], set()
+    for spec in specs:
+        pool = []
+        for c in load_conversations([spec]):
+            msgs = c["messages"]
+            keys = [prompt_key(m["content"]) for m in msgs if m["role"] == "user"]
+            if msgs and msgs[-1]["role"] == "assistant" and keys and keys[0] not in seen \
+                    and not any(k in exclude for k in keys):
+                seen.add(keys[0])
+                pool.append(c)
+        pools.append(pool)
+    mixed = [pool[i] for i in range(max(map(len, pools), default=0)) for pool in pools if i < len(pool)]
+    return mixed[:n]
+
+
+GENERAL_CONTEXT = 512  # tokens of each held-out conversation scored (human replies run long; the start is kept)
+
+
+def conversation_losses(model: Any, tok: Any, convs: list[dict], batch_size: int) -> list[float | None]:
+    """Mean next-token loss over each conversation's assistant tokens within its first GENERAL_CONTEXT tokens
+    (None where no assistant token falls inside them)."""
+    from chatforge.core.tokenizer import IGNORE_INDEX, render_conversation
+    from chatforge.data.sft_data import Row, collate, token_losses
+
+    window = min(GENERAL_CONTEXT, model.config.max_position_embeddings - 1)
+    rows: list[tuple[int, Row]] = []
+    for i, c in enumerate(convs):
+        ids, mask = render_conversation(tok, c["messages"])
+        ids, mask = ids[: window + 1], mask[: window + 1]
+        targets = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:], strict=True)]
+        if any(t != IGNORE_INDEX for t in targets):
+            row = Row()
+            row.add(ids[:-1], targets)
+            rows.append((i, row))
+    out: list[float | None] = [None] * len(convs)
+    with torch.inference_mode():
+        for j in range(0, len(rows), batch_size):
+            chunk = rows[j: j + batch_size]
+            losses, valid = token_losses(model, collate([r for _, r in chunk], tok.pad_token_id))
+            for (i, _), total, count in zip(chunk, losses.sum(1).tolist(), valid.sum(1).tolist(), strict=True):
+                out[i] = total / count
+    return out
+
+
+def general_report(model: Any, tok: Any, convs: list[dict], replies: list[str], reasons: list[str],
+                   cfg: EvalConfig) -> dict:
+    """Held-out loss on human-written replies, and the rule labeler's general-quality utility, distinct-n and
+    repetition of this model's own replies to the same conversations' prompts; 95 % bootstrap intervals."""
+    from chatforge.data.utility import rule_utility
+    from chatforge.evals.stats import bootstrap_ci
+    from chatforge.evals.text import distinct_n, repetition_rate
+
+    losses = conversation_losses(model, tok, convs, cfg.batch_size)
+    util = [rule_utility({"messages": c["messages"][:-1]}, r, truncated=why == "length")
+            for c, r, why in zip(convs, replies, reasons, strict=True)]
+    known = [x for x in losses if x is not None]
+
+    def stat(values: list[float] | np.ndarray, fn: Callable = np.mean) -> dict:
+        lo, hi = bootstrap_ci(values, stat=fn, n_boot=cfg.n_boot, seed=cfg.seed)
+        return {"mean": float(fn(np.asarray(values, dtype=float))) if len(values) else None, "lo": lo, "hi": hi}
+
+    def over_replies(fn: Callable[[list[str]], float]) -> dict:  # a pooled text measure, resampling replies
+        return stat(np.arange(len(replies)), lambda idx: fn([replies[int(i)] for i in idx]))
+
+    vocab = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()
+    return {"n": len(convs), "vocab": vocab,
+            "loss": {**stat(known), "per": losses, "n": len(known)}, "utility": {**stat(util), "per": util},
+            "distinct_2": over_replies(lambda r: distinct_n(r, 2)), "repetition": over_replies(repetition_rate),
+            "end_of_turn": float(np.mean([why != "length" for why in reasons])) if reasons else None}
+
+
+def general_delta(model: dict, baseline: dict, n_boot: int, seed: int) -> dict:
+    """Paired change model - baseline per conversation (loss only when both share a tokenizer), bootstrap 95 %."""
+    from chatforge.evals.stats import bootstrap_ci
+
+    out = {}
+    pairs = {"utility": list(zip(model["utility"]["per"], baseline["utility"]["per"], strict=True))}
+    if model["vocab"] == baseline["vocab"]:
+        pairs["loss"] = [(a, b) for a, b in zip(model["loss"]["per"], baseline["loss"]["per"], strict=True)
+                         if a is not None and b is not None]
+    for key, ab in pairs.items():
+        d = np.asarray([a - b for a, b in ab], dtype=float)
+        lo, hi = bootstrap_ci(d, n_boot=n_boot, seed=seed)
+        out[key] = {"delta": float(d.mean()) if d.size else None, "lo": lo, "hi": hi, "n": int(d.size)}
+    return out
+
+
 # ----------------------------------------------------------------------------- history and overlap
 
 CURVE_KEYS = ("train/loss", "loss", "val/loss", "val/accuracy", "objective/scores", "objective/rlhf_reward",
@@ -393,15 +490,16 @@ def _user_texts(spec: str) -> list[str]:
         from chatforge.stages.sample import load_prompts
 
         return [m["content"] for p in load_prompts(spec) for m in p["messages"] if m["role"] == "user"]
-    path = Path(spec)
-    if spec.startswith("embedded:"):
+    path, limit = Path(spec), None
+    if spec.startswith("embedded:"):  # embedded:NAME[:N], the first N records as training reads them
         from chatforge.data.embedded import embedded_path
 
-        path = Path(embedded_path(spec.split(":", 1)[1]))
+        name, _, n = spec.split(":", 1)[1].partition(":")
+        path, limit = Path(embedded_path(name)), int(n) if n.isdigit() else None
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
     texts = []
     for f in files:
-        for _, obj in read_jsonl(f):
+        for _, obj in list(read_jsonl(f))[:limit]:
             msgs = obj.get("messages") or (obj.get("prompt") or {}).get("messages") or []
             texts += [m.get("content", "") for m in msgs if isinstance(m, dict) and m.get("role") == "user"]
     return texts
@@ -417,6 +515,18 @@ def training_specs(dirs: list[Path]) -> list[str]:
         if isinstance(cfg.get("prompts"), str):
             specs.append(cfg["prompts"])
     return list(dict.fromkeys(specs))
+
+
+def _training_keys(specs: list[str]) -> set[str]:
+    """Prompt keys of every user turn in the readable training data specs (unreadable ones are reported by
+    prompt_overlap)."""
+    keys: set[str] = set()
+    for spec in dict.fromkeys(specs):
+        try:
+            keys |= {prompt_key(t) for t in _user_texts(spec)}
+        except (UserError, OSError, ValueError, KeyError, AttributeError):
+            continue
+    return keys
 
 
 def prompt_overlap(prompts: list[dict], specs: list[str]) -> dict:
@@ -471,7 +581,8 @@ def _subjects(cfg: EvalConfig) -> list[Subject]:
 
 
 def _evaluate_subject(s: Subject, prompts: list[dict], cfg: EvalConfig, data_dir: Path | None,
-                      sft_convs: list[dict] | None, reply_fn: ReplyFn | None, rm: tuple | None) -> None:
+                      sft_convs: list[dict] | None, reply_fn: ReplyFn | None, rm: tuple | None,
+                      general: list[dict]) -> None:
     """Everything that needs this model in memory: replies, losses, bias probes; RM scores of its replies."""
     from chatforge.core.model import count_params, load_model_and_tokenizer
     from chatforge.evals.text import text_report
@@ -495,6 +606,14 @@ def _evaluate_subject(s: Subject, prompts: list[dict], cfg: EvalConfig, data_dir
     r["lm"] = lm_val_loss(model, tok, dd, cfg.seq_len, cfg.batch_size, cfg.lm_batches) if dd else None
     r["sft_val"] = sft_val_loss(model, tok, sft_convs, cfg.seq_len, cfg.batch_size) if sft_convs else None
     r["bias"] = bias_report(model, tok, cfg) if cfg.bias else None
+    if general:
+        open_prompts = [{"messages": c["messages"][:-1]} for c in general]
+        if reply_fn is not None:
+            s.general_replies, why = reply_fn(s.spec, model, tok, open_prompts)
+        else:
+            s.general_replies, why = generate_replies(model, tok, open_prompts, cfg.general_max_new_tokens,
+                                                      cfg.temperature, cfg.seed, cfg.batch_size)
+        r["general"] = general_report(model, tok, general, s.general_replies, why, cfg)
     s.kl_reference = kl_reference(s) if cfg.kl else None
     if s.kl_reference is not None:  # sampled replies and their log-probs now; the reference is loaded later
         s.kl_rows = sample_rows(model, tok, prompts, cfg.max_new_tokens, KL_TEMPERATURE, cfg.seed + 1, cfg.batch_size)
@@ -612,8 +731,10 @@ def run(cfg: EvalConfig, out: str | Path, reply_fn: ReplyFn | None = None) -> di
         from chatforge.stages.rm_eval import load_reward_model
 
         rm = load_reward_model(cfg.reward)
+    general = load_general(cfg.general, cfg.general_n, _training_keys(
+        [*cfg.train_prompts, *(spec for s in subjects for spec in training_specs(s.lineage))])) if cfg.general else []
     for s in subjects:
-        _evaluate_subject(s, prompts, cfg, data_dir, sft_convs, reply_fn, rm)
+        _evaluate_subject(s, prompts, cfg, data_dir, sft_convs, reply_fn, rm, general)
     del rm
     for s in subjects:
         s.result["kl"] = measure_kl(s, prompts, cfg)
@@ -643,6 +764,11 @@ def run(cfg: EvalConfig, out: str | Path, reply_fn: ReplyFn | None = None) -> di
                        if cfg.bias},
         "samples": [{"prompt": p["messages"][-1]["content"], "replies": {s.label: s.replies[i] for s in subjects}}
                     for i, p in enumerate(prompts[: cfg.samples])],
+        "general": {"sources": cfg.general, "n": len(general), "delta": {
+            s.label: general_delta(subjects[0].result["general"], s.result["general"], cfg.n_boot, cfg.seed)
+            for s in subjects[1:]} if general else {}, "samples": [
+            {"prompt": c["messages"][-2]["content"], "replies": {s.label: s.general_replies[i] for s in subjects}}
+            for i, c in enumerate(general[: cfg.samples])]},
         "warnings": warnings,
         "previous": _previous(cfg.previous, out),
     }

@@ -257,6 +257,41 @@ def _fluency(report: dict) -> list[Block]:
             ("table", ["metric", *labels], rows)]
 
 
+def _general(report: dict) -> list[Block]:
+    g = report.get("general") or {}
+    models = {lab: r["general"] for lab, r in report["models"].items() if r.get("general")}
+    if not models:
+        return []
+
+    def ci(v: dict) -> str:
+        return _ci(v["mean"], v["lo"], v["hi"])
+
+    rows = [[lab, ci(m["loss"]), ci(m["utility"]), ci(m["distinct_2"]), ci(m["repetition"]), _num(m["end_of_turn"])]
+            for lab, m in models.items()]
+    out: list[Block] = [
+        ("h2", "General chat (the alignment tax)"),
+        ("p", f"{g.get('n', 0)} human-written conversations outside the task suite ({', '.join(g.get('sources', []))}), "
+              "none of whose user turns occurs in any model's training data. Held-out loss: mean next-token loss on "
+              "their human-written assistant replies (per token of each model's tokenizer). The other columns score "
+              "each model's own reply to the same prompts: the rule labeler's general-quality utility (0-5.75: length "
+              "fit and no repetition, sane text, a clean ending, brevity), distinct-2, and the share of replies that "
+              "repeat a 3-gram 3+ times. 95 % bootstrap intervals over conversations."),
+        ("table", ["model", "held-out loss on human replies", "general utility", "distinct-2", "repetition",
+                   "end-of-turn"], rows)]
+    for base, d in (g.get("delta") or {}).items():
+        cells = [f"{_num(v['delta'])} {_interval(v['lo'], v['hi'])} (n={v['n']})" if v.get("delta") is not None
+                 else "–" for v in (d.get("utility", {}), d.get("loss", {}))]
+        out += [("p", f"Paired change {report['model']} - {base} per conversation (loss only for a shared tokenizer; "
+                      "lower loss and higher utility are better):"),
+                ("table", ["general utility change", "held-out loss change"], [cells])]
+    if g.get("samples"):
+        labels = list(models)
+        out += [("p", "Replies to open prompts:"),
+                ("table", ["prompt", *labels], [[x["prompt"], *(x["replies"][lab] for lab in labels)]
+                                                for x in g["samples"]])]
+    return out
+
+
 def _bias(report: dict) -> list[Block]:
     models = {lab: r["bias"] for lab, r in report["models"].items() if r.get("bias")}
     if not models:
@@ -354,7 +389,7 @@ def blocks(report: dict) -> list[Block]:
     ]
     if report["warnings"]:
         head += [("h2", "Warnings"), ("ul", report["warnings"])]
-    sections = (_summary, _previous, _losses, _tasks, _reward, _win_rates, _fluency, _bias, _kl, _curves, _overlap,
+    sections = (_summary, _previous, _losses, _tasks, _reward, _win_rates, _fluency, _general, _bias, _kl, _curves, _overlap,
                 _samples)
     return head + [b for fn in sections for b in fn(report)]
 
