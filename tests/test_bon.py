@@ -9,7 +9,8 @@ from helpers import save_tiny_model
 
 from chatforge.config import BoNConfig, load_config
 from chatforge.core.io import UserError
-from chatforge.stages.bon import combine_scores, pick_best
+from chatforge.core.rewards import combine_scores
+from chatforge.stages.bon import pick_best
 
 
 def test_pick_best_is_the_argmax_among_ended_replies():

@@ -9,6 +9,7 @@ import torch
 from helpers import save_tiny_model
 
 from chatforge.config import PPOConfig, load_config
+from chatforge.core.io import UserError
 from chatforge.core.rewards import RMReward, make_reward_source, score_rollout
 from chatforge.core.rollout import engine_logprobs_usable, generate_rollouts, rollout_logprobs
 from chatforge.core.tokenizer import assistant_turn_suffix, end_of_turn_id, render_for_completion
@@ -105,3 +106,44 @@ def test_ppo_run_reuses_engine_logprobs_and_logs_entropy(tiny_tokenizer, tiny_mo
     # with top-k the engine's log-probs are not the sampling distribution's: the forward runs again
     ppo.run(load_config(PPOConfig, None, sets + ["rollout.top_k=5"]), tmp_path / "run2", resume=False)
     assert len(calls) == 2
+
+
+def test_ensemble_scores_are_the_members_mean_or_worst_case(tiny_tokenizer, tiny_model_factory, rm_reward,
+                                                          tmp_path):
+    """`ensemble:min:A,B` scores a rollout with each member (each its own normalisation) and takes the min; a
+    member with another tokenizer, a nested ensemble or a bad combine fails before any scoring."""
+    from chatforge.core.rewards import EnsembleReward
+    from chatforge.stages.rm import RewardNorm, init_reward_model, save_reward_model
+
+    tok = tiny_tokenizer
+    base = save_tiny_model(tmp_path / "base", tok, tiny_model_factory, seed=5)
+    rm, rm_tok, _ = init_reward_model(str(base), seed=1)
+    torch.nn.init.normal_(rm.score.weight, std=0.5)
+    save_reward_model(rm, rm_tok, RewardNorm(mean=-5.5), tmp_path / "rm2")  # offset chosen so the two cross
+    first = rm_reward.name.removeprefix("rm:")
+    prompts, ids = _prompts(tok)
+    texts = ["Lily saw a big red ball.", "One day", "5", "She went to the park."]
+    ro = SimpleNamespace(prompts=prompts, texts=texts, prompt_ids=ids, ended=torch.tensor([True] * 4),
+                         token_ids=[tok.encode(t, add_special_tokens=False) + [end_of_turn_id(tok)] for t in texts])
+    a = score_rollout(rm_reward, tok, ro)
+    b = score_rollout(make_reward_source(str(tmp_path / "rm2")), tok, ro)
+    assert any(x < y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b)), (a, b)
+    worst = make_reward_source(f"ensemble:min:{first},{tmp_path / 'rm2'}")
+    assert isinstance(worst, EnsembleReward) and len(worst.members) == 2
+    assert score_rollout(worst, tok, ro) == pytest.approx([min(x, y) for x, y in zip(a, b)], abs=1e-5)
+    mean = make_reward_source(f"ensemble:mean:{first},{tmp_path / 'rm2'}")
+    assert mean.score(prompts, texts) == pytest.approx([(x + y) / 2 for x, y in zip(a, b)], abs=1e-5)
+
+    from transformers import AutoTokenizer
+
+    other_tok = AutoTokenizer.from_pretrained(str(tmp_path / "rm2"))
+    other_tok.add_tokens(["<extra_token>"])
+    other_tok.save_pretrained(tmp_path / "rm2")  # now rm2's tokenizer has a token the first RM's lacks
+    with pytest.raises(UserError, match="different tokenizers"):
+        make_reward_source(f"ensemble:min:{first},{tmp_path / 'rm2'}")
+    with pytest.raises(UserError, match="do not nest"):
+        make_reward_source(f"ensemble:min:{first},ensemble:mean:{first}")
+    with pytest.raises(UserError, match="expected ensemble:mean"):
+        make_reward_source(f"ensemble:max:{first},{first}")
+    with pytest.raises(UserError, match="at least two"):
+        make_reward_source(f"ensemble:min:{first}")

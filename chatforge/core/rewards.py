@@ -19,6 +19,9 @@ the canonical tokenisation of its text (tested); the id path scores exactly what
                               ending, brevity): the oracle an RM trained on that panel approximates, i.e. an
                               upper bound for RLHF with that panel
     keyword:WORD[,WORD...]    toy: +1 per occurrence of each keyword (substring) in the reply (tests, demos)
+    ensemble:mean|min:A,B...  several reward models scoring every reply, each normalised its own way, combined by
+                              their mean or worst case (min; Coste et al. 2024: a worst-case ensemble of RMs is
+                              over-optimised later than any one of them); members must share one tokenizer
 """
 
 from __future__ import annotations
@@ -139,10 +142,45 @@ class KeywordReward:
         return [self.per_hit * len(self.pattern.findall(r)) for r in replies]
 
 
+def combine_scores(per_source: list[list[float]], how: str) -> torch.Tensor:
+    """[sources, N] scores -> [N]: the mean, or the minimum (worst case) over the ensemble."""
+    t = torch.tensor(per_source, dtype=torch.float32)
+    return t.mean(dim=0) if how == "mean" else t.min(dim=0).values
+
+
+class EnsembleReward:
+    """Reward sources that all score every reply (each RM with its own normalisation), combined by mean or min."""
+
+    def __init__(self, members: list[Any], combine: str):
+        if combine not in ("mean", "min"):
+            raise UserError(f"ensemble combine must be mean or min, not '{combine}'")
+        if len(members) < 2:
+            raise UserError("an ensemble needs at least two reward sources")
+        rms = [m for m in members if isinstance(m, RMReward)]
+        for m in rms[1:]:
+            first = rms[0]
+            if m.tok.get_vocab() != first.tok.get_vocab():
+                raise UserError(f"ensemble members {first.path} and {m.path} have different tokenizers: an "
+                                "ensemble's reward models must share one (e.g. heads trained on one trunk)")
+        self.members, self.combine = members, combine
+        self.name = f"ensemble:{combine}:" + ",".join(m.name.removeprefix("rm:") for m in members)
+
+    def score(self, prompts: list[dict], replies: list[str], finished: list[bool] | None = None) -> list[float]:
+        return combine_scores([m.score(prompts, replies, finished) for m in self.members], self.combine).tolist()
+
+
 def make_reward_source(spec: str, device: torch.device | str = "cpu", batch_size: int = 16) -> RewardSource:
     """Build the reward source named by a `--reward` spec (see the module docstring)."""
     if not spec:
-        raise UserError("a reward is required: --reward RM_RUN|tasks|rule|keyword:WORD")
+        raise UserError("a reward is required: --reward RM_RUN|tasks|rule|keyword:WORD|ensemble:min:RM,RM")
+    if spec.startswith("ensemble:"):
+        combine, _, members = spec.removeprefix("ensemble:").partition(":")
+        if combine not in ("mean", "min") or not members:
+            raise UserError(f"reward spec '{spec}': expected ensemble:mean:RM,RM... or ensemble:min:RM,RM...")
+        parts = [m for m in members.split(",") if m]
+        if any(m.startswith("ensemble:") for m in parts):
+            raise UserError(f"reward spec '{spec}': ensembles do not nest")
+        return EnsembleReward([make_reward_source(m, device, batch_size) for m in parts], combine)
     if spec == "tasks":
         return TaskReward()
     if spec == "rule":
@@ -154,7 +192,9 @@ def make_reward_source(spec: str, device: torch.device | str = "cpu", batch_size
 
 def score_rollout(reward: RewardSource, tok: Any, ro: Any) -> list[float]:
     """Scores of a `core.rollout.Rollout` sampled with tokenizer `tok`: token ids straight into an RM that
-    shares them (and its template), else `reward.score` on the decoded texts."""
+    shares them (and its template), else `reward.score` on the decoded texts; an ensemble scores with each member."""
+    if isinstance(reward, EnsembleReward):
+        return combine_scores([score_rollout(m, tok, ro) for m in reward.members], reward.combine).tolist()
     if isinstance(reward, RMReward) and reward.accepts_ids_of(tok):
         from chatforge.core.reward_model import score_length
 

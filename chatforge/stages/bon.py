@@ -69,12 +69,6 @@ def pick_best(scores: torch.Tensor, ended: torch.Tensor, n: int, require_end: bo
     return [None if not torch.isfinite(s[i, b]) else i * n + int(b) for i, b in enumerate(best.tolist())]
 
 
-def combine_scores(per_source: list[list[float]], how: str) -> torch.Tensor:
-    """[sources, N] scores -> [N]: the mean, or the minimum (worst case) over the ensemble."""
-    t = torch.tensor(per_source, dtype=torch.float32)
-    return t.mean(dim=0) if how == "mean" else t.min(dim=0).values
-
-
 def run(cfg: BoNConfig, out: Path, resume: bool = True) -> dict:
     """Rounds of sample n → pick → SFT into `out`; returns the summary (also in bon.json)."""
     from chatforge.core.distributed import init_distributed
@@ -86,8 +80,8 @@ def run(cfg: BoNConfig, out: Path, resume: bool = True) -> dict:
     run_ = Run(out, "bon", cfg, init_distributed("cpu"), inputs={"policy": cfg.policy},
                parent=parent_run_id(str(cfg.policy)))
     run_.write_manifest("running")
-    sources = [make_reward_source(spec, "cpu", cfg.rollout.forward_batch_size)
-               for spec in [cfg.reward, *cfg.bon.ensemble]]  # type: ignore[list-item]
+    reward = make_reward_source(f"ensemble:{cfg.bon.combine}:{','.join([cfg.reward, *cfg.bon.ensemble])}"  # type: ignore[list-item]
+                                if cfg.bon.ensemble else cfg.reward, "cpu", cfg.rollout.forward_batch_size)  # type: ignore[arg-type]
     rng = random.Random(cfg.train.seed)
     current = str(cfg.policy)
     summary: dict = {"config": to_dict(cfg), "rounds": []}
@@ -106,7 +100,7 @@ def run(cfg: BoNConfig, out: Path, resume: bool = True) -> dict:
         policy.eval()
         context = getattr(unwrap(policy).config.get_text_config(), "max_position_embeddings", None)
         prompts, prompt_ids, _ = prepare_prompts(cfg.prompts, tok, cfg.rollout.max_new_tokens, context)  # type: ignore[arg-type]
-        prompts, prompt_ids = keep_scorable(sources[0], prompts, prompt_ids)
+        prompts, prompt_ids = keep_scorable(reward, prompts, prompt_ids)
         if order is None:
             order = list(range(len(prompts)))
             rng.shuffle(order)
@@ -123,7 +117,7 @@ def run(cfg: BoNConfig, out: Path, resume: bool = True) -> dict:
                                        temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k,
                                        top_p=cfg.rollout.top_p, seeds=seeds, num_samples=cfg.bon.n)
                 # 3. scores (ensemble combined), 4. the argmax per prompt
-                scores = combine_scores([score_rollout(s, tok, ro) for s in sources], cfg.bon.combine)
+                scores = torch.tensor(score_rollout(reward, tok, ro))
                 for j, row in enumerate(pick_best(scores, ro.ended.cpu(), cfg.bon.n, cfg.bon.require_end_of_turn)):
                     group = scores[j * cfg.bon.n: (j + 1) * cfg.bon.n]
                     if row is None:
