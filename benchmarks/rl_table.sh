@@ -8,7 +8,8 @@
 #
 # Each run dir is skipped when it already completed; CPU seconds (user + sys) land in OUT/<method>.time.
 # The PPO-family runs and GRPO measure the gold on the validation prompts every 8 iterations and keep the best
-# checkpoint (`best_gold/`), as the demo does; that checkpoint is what the eval judges.
+# checkpoint (`best_gold/`), as the demo does; that checkpoint is what the eval judges when the gold rose above
+# its start, else the run's final model.
 set -euo pipefail
 SFT=${1:-runs/demo-smol/sft}
 RM=${2:-runs/demo-smol/loop/round-1/rm}
@@ -41,7 +42,18 @@ timed bon chatforge bon --policy "$SFT" --reward "$RM" --prompts "$PROMPTS" --se
 timed dpo chatforge dpo --policy "$SFT" --data "$(dirname "$RM")/comparisons.jsonl" --set data.aggregate=bradley_terry \
   --set lora.enabled=true --set train.lr=5e-5 --set train.max_steps=64 --set train.batch_size=8
 
+# the checkpoint judged: best_gold/ when the validation gold rose above its start, else the final model (a kept
+# start is the SFT model itself, whose replies would all tie)
+judged() {
+  python - "$1" <<'PY'
+import json, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+step = json.loads((run / "manifest.json").read_text())["metrics"].get("gold_best_step")
+print(run / ("best_gold" if step else "model"))
+PY
+}
 python benchmarks/rl_gold_eval.py --sft "$SFT/model" --prompts tasks-heldout:125:1 --samples 2 --temperature 1.0 \
   --rm "$RM" --cache "$OUT/replies.json" --out "$OUT/eval.json" \
-  "$OUT/ppo-critic/best_gold" "$OUT/ppo-both/best_gold" "$OUT/rloo/best_gold" "$OUT/grpo/best_gold" \
+  "$(judged "$OUT/ppo-critic")" "$(judged "$OUT/ppo-both")" "$(judged "$OUT/rloo")" "$(judged "$OUT/grpo")" \
   "$OUT/bon/model" "$OUT/dpo/model"
