@@ -157,8 +157,7 @@ class EnsembleReward:
         if len(members) < 2:
             raise UserError("an ensemble needs at least two reward sources")
         rms = [m for m in members if isinstance(m, RMReward)]
-        for m in rms[1:]:
-            first = rms[0]
+        for first, m in zip(rms, rms[1:]):
             if m.tok.get_vocab() != first.tok.get_vocab():
                 raise UserError(f"ensemble members {first.path} and {m.path} have different tokenizers: an "
                                 "ensemble's reward models must share one (e.g. heads trained on one trunk)")

@@ -32,7 +32,7 @@ from chatforge.config import BoNConfig, SFTConfig, SFTDataConfig, to_dict
 from chatforge.core.io import UserError, write_json, write_jsonl
 from chatforge.core.log import console, print0
 from chatforge.core.model import load_model_and_tokenizer, unwrap
-from chatforge.core.rewards import make_reward_source, score_rollout
+from chatforge.core.rewards import EnsembleReward, make_reward_source, score_rollout
 from chatforge.core.rollout import (
     generate_rollouts,
     keep_scorable,
@@ -80,8 +80,9 @@ def run(cfg: BoNConfig, out: Path, resume: bool = True) -> dict:
     run_ = Run(out, "bon", cfg, init_distributed("cpu"), inputs={"policy": cfg.policy},
                parent=parent_run_id(str(cfg.policy)))
     run_.write_manifest("running")
-    reward = make_reward_source(f"ensemble:{cfg.bon.combine}:{','.join([cfg.reward, *cfg.bon.ensemble])}"  # type: ignore[list-item]
-                                if cfg.bon.ensemble else cfg.reward, "cpu", cfg.rollout.forward_batch_size)  # type: ignore[arg-type]
+    sources = [make_reward_source(spec, "cpu", cfg.rollout.forward_batch_size)
+               for spec in [cfg.reward, *cfg.bon.ensemble]]  # type: ignore[list-item]
+    reward = EnsembleReward(sources, cfg.bon.combine) if cfg.bon.ensemble else sources[0]
     rng = random.Random(cfg.train.seed)
     current = str(cfg.policy)
     summary: dict = {"config": to_dict(cfg), "rounds": []}

@@ -517,16 +517,16 @@ def training_specs(dirs: list[Path]) -> list[str]:
     return list(dict.fromkeys(specs))
 
 
-def _training_keys(specs: list[str]) -> set[str]:
-    """Prompt keys of every user turn in the readable training data specs (unreadable ones are reported by
-    prompt_overlap)."""
-    keys: set[str] = set()
+def _training_key_sets(specs: list[str]) -> tuple[dict[str, set[str]], list[str]]:
+    """Prompt keys of every user turn per readable training data spec, and the specs that could not be read."""
+    sets: dict[str, set[str]] = {}
+    unreadable = []
     for spec in dict.fromkeys(specs):
         try:
-            keys |= {prompt_key(t) for t in _user_texts(spec)}
-        except (UserError, OSError, ValueError, KeyError, AttributeError):
-            continue
-    return keys
+            sets[spec] = {prompt_key(t) for t in _user_texts(spec)}
+        except (UserError, OSError, ValueError, KeyError, AttributeError) as e:
+            unreadable.append(f"{spec}: {e}")
+    return sets, unreadable
 
 
 def prompt_overlap(prompts: list[dict], specs: list[str]) -> dict:
@@ -534,13 +534,9 @@ def prompt_overlap(prompts: list[dict], specs: list[str]) -> dict:
     keys = [prompt_key(next((m["content"] for m in reversed(p["messages"]) if m["role"] == "user"), ""))
             for p in prompts]
     found: dict[str, int] = {}
-    unreadable, seen = [], set()
-    for spec in specs:
-        try:
-            train = {prompt_key(t) for t in _user_texts(spec)}
-        except (UserError, OSError, ValueError, KeyError, AttributeError) as e:
-            unreadable.append(f"{spec}: {e}")
-            continue
+    seen: set[int] = set()
+    sets, unreadable = _training_key_sets(specs)
+    for spec, train in sets.items():
         hits = {i for i, k in enumerate(keys) if k in train}
         found[spec] = len(hits)
         seen |= hits
@@ -731,8 +727,9 @@ def run(cfg: EvalConfig, out: str | Path, reply_fn: ReplyFn | None = None) -> di
         from chatforge.stages.rm_eval import load_reward_model
 
         rm = load_reward_model(cfg.reward)
-    general = load_general(cfg.general, cfg.general_n, _training_keys(
-        [*cfg.train_prompts, *(spec for s in subjects for spec in training_specs(s.lineage))])) if cfg.general else []
+    general = load_general(cfg.general, cfg.general_n, set().union(*_training_key_sets(
+        [*cfg.train_prompts, *(spec for s in subjects for spec in training_specs(s.lineage))])[0].values())
+        ) if cfg.general else []
     for s in subjects:
         _evaluate_subject(s, prompts, cfg, data_dir, sft_convs, reply_fn, rm, general)
     del rm
