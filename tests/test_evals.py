@@ -45,6 +45,21 @@ def test_bootstrap_ci_covers_true_mean():
     assert lo < np.median(x) < hi
 
 
+def test_jackknife_interval_of_a_mean_is_the_standard_error_and_a_pooled_distinct_n_is_covered():
+    x = np.array([1.0, 4.0, 2.0, 8.0, 5.0])
+    lo, hi = stats.jackknife_ci(len(x), lambda idx: float(x[idx].mean()))
+    se = x.std(ddof=1) / math.sqrt(len(x))  # the jackknife SE of a mean is exactly s / sqrt(n)
+    assert (lo, hi) == pytest.approx((x.mean() - 1.96 * se, x.mean() + 1.96 * se))
+    # pooled distinct-2 of replies that never share a bigram is 1.0: a bootstrap resample repeats replies, so its
+    # percentile interval lies wholly below the estimate; the jackknife's contains it
+    replies = [f"w{i} v{i} u{i}" for i in range(30)]
+    pooled = lambda idx: text.distinct_n([replies[int(i)] for i in idx], 2)  # noqa: E731
+    assert pooled(np.arange(30)) == 1.0
+    assert stats.bootstrap_ci(np.arange(30), pooled, n_boot=200)[1] < 1.0
+    assert stats.jackknife_ci(30, pooled) == pytest.approx((1.0, 1.0))
+    assert math.isnan(stats.jackknife_ci(1, pooled)[0])
+
+
 def test_win_rate_counts_ties_half():
     r = stats.win_rate([1, 1, 0, 0.5, 0.5, 1, 0, 1])
     assert (r["wins"], r["losses"], r["ties"], r["n"]) == (4, 2, 2, 8)

@@ -157,6 +157,6 @@ def test_grpo_logs_gold_and_proxy(setup, tmp_path):
                                                                              f"gold.prompts={prompts}"])),
                    tmp_path / "run", resume=False)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [i for i, r in enumerate(rows) if "objective/gold" in r] == [0, 2]
+    assert [i for i, r in enumerate(rows) if "objective/gold" in r] == [0, 2]  # the start, and the final model
     assert res["gold_best"] == max(r["objective/gold"] for r in rows if "objective/gold" in r)
     assert (tmp_path / "run" / "best_gold" / "config.json").exists()

@@ -10,6 +10,7 @@ import sys
 import zlib
 
 import pytest
+import torch
 from helpers import assert_resumed, run_killed_then_resumed, save_tiny_model
 from test_ppo import RUN_PPO
 
@@ -139,22 +140,45 @@ def test_k_samples_per_prompt_resume_exactly_after_sigkill(setup, tmp_path):
         assert (ref / name).read_bytes() == (out / name).read_bytes(), name
 
 
-def test_gold_and_proxy_are_logged_against_kl_and_the_best_gold_policy_is_kept(setup, tmp_path):
+def test_gold_and_proxy_are_logged_against_kl_and_the_best_gold_policy_is_kept(setup, tmp_path, monkeypatch):
     from chatforge.stages import ppo
 
     root, model_dir, prompts = setup
     cfg = load_config(PPOConfig, None, _sets(model_dir, prompts, 5, ["ppo.samples_per_prompt=2", "ppo.baseline=both",
                                                                     "gold.spec=keyword:a", "gold.every=2",
                                                                     f"gold.prompts={prompts}"]))
+    from chatforge.core.model import unwrap
+    from chatforge.core.rollout import GoldMonitor
+
+    seen, measure = [], GoldMonitor.measure
+
+    def spy(self, policy, step, is_main=True):  # which step, and the policy's weights, at each measurement
+        seen.append((step, {k: v.detach().clone() for k, v in unwrap(policy).state_dict().items()}))
+        return measure(self, policy, step, is_main)
+
+    monkeypatch.setattr(GoldMonitor, "measure", spy)
     res = ppo.run(cfg, tmp_path / "run", resume=False)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     measured = [i for i, r in enumerate(rows) if "objective/gold" in r]
-    assert measured == [0, 2, 4]  # iterations 0, 2, 4 (every 2)
+    assert measured == [0, 2, 4]  # before iterations 0 and 2, and after the last (5 iterations, every 2)
     for i in measured:
         assert {"objective/gold", "objective/proxy", "objective/gold_best", "objective/kl"} <= set(rows[i])
     golds = [rows[i]["objective/gold"] for i in measured]
     assert res["gold_best"] == pytest.approx(max(golds)) and rows[measured[-1]]["objective/gold_best"] == max(golds)
     assert (tmp_path / "run" / "best_gold" / "config.json").exists()
+    # the curve starts at the start model itself (before any update) and ends at the final model
+    from safetensors.torch import load_file
+
+    start = load_file(model_dir / "model.safetensors")
+    final = load_file(tmp_path / "run" / "model" / "model.safetensors")
+
+    def same(state, ref):
+        shared = [k for k in ref if k in state]
+        return bool(shared) and all(torch.equal(state[k], ref[k]) for k in shared)
+
+    assert [s for s, _ in seen] == [0, 2, 4, 5]  # before iterations 0, 2, 4, and after the last
+    assert same(seen[0][1], start) and same(seen[-1][1], final)
+    assert not same(seen[0][1], final)  # the policy did move
 
 
 def test_gold_that_cannot_score_the_validation_prompts_fails_before_work(setup, tmp_path):

@@ -168,6 +168,12 @@ class EnsembleReward:
         return combine_scores([m.score(prompts, replies, finished) for m in self.members], self.combine).tolist()
 
 
+def reward_models(reward: Any) -> list[RMReward]:
+    """The reward models inside a reward source: itself, each member of an ensemble, or none."""
+    members = reward.members if isinstance(reward, EnsembleReward) else [reward]
+    return [m for m in members if isinstance(m, RMReward)]
+
+
 def make_reward_source(spec: str, device: torch.device | str = "cpu", batch_size: int = 16) -> RewardSource:
     """Build the reward source named by a `--reward` spec (see the module docstring)."""
     if not spec:

@@ -296,12 +296,12 @@ def shard_frozen(ref: Any, reward: Any, info: DistInfo, cfg: Any) -> Any:
     RM reward's model in place, or leave both whole replicas. Their forwards then are collectives too, which holds
     because every rank scores as many rows in as many batches."""
     from chatforge.core.distributed import wrap_model
-    from chatforge.core.rewards import RMReward
+    from chatforge.core.rewards import reward_models
 
     if cfg.fsdp_frozen != "shard":
         return ref
-    if isinstance(reward, RMReward):
-        reward.model = wrap_model(reward.model, info, cfg, trainable=False)
+    for rm in reward_models(reward):  # every member of an ensemble
+        rm.model = wrap_model(rm.model, info, cfg, trainable=False)
     return wrap_model(ref, info, cfg, trainable=False) if ref is not None else None
 
 
@@ -427,7 +427,9 @@ class GoldMonitor:
     seeds at every measurement, so two checkpoints are compared on paired draws) are scored by the proxy
     (the reward being optimised)
     and by the gold (a judge the policy never sees), logged as `objective/proxy` and `objective/gold`
-    beside `objective/kl`; the policy with the best validation gold so far is saved to `best_dir`.
+    beside `objective/kl`; the policy with the best validation gold so far is saved to `best_dir`. The first
+    measurement is the start model (iteration 0, before any update) and the last the final policy, so a
+    `best_step` of 0 says no update beat the start.
 
     The validation prompts are a separate draw (a seed no test set uses), so the kept checkpoint is
     chosen without looking at the test prompts. `state_dict` carries the best score across resumes.
@@ -456,8 +458,14 @@ class GoldMonitor:
         self.best = -math.inf
         self.best_step = -1
 
-    def due(self, step: int) -> bool:
-        return self.every > 0 and step % self.every == 0
+    def before_update(self, policy: Any, step: int, is_main: bool = True) -> dict[str, float]:
+        """Every `every` iterations from 0, the policy that samples iteration `step`'s rollouts (the row's KL is
+        theirs), so the curve starts at the start model itself; {} when not due."""
+        return self.measure(policy, step, is_main) if self.every > 0 and step % self.every == 0 else {}
+
+    def after_last_update(self, policy: Any, step: int, max_steps: int, is_main: bool = True) -> dict[str, float]:
+        """After the update of the last iteration, the final policy (kept as best at `max_steps` if it is)."""
+        return self.measure(policy, max_steps, is_main) if self.every > 0 and step + 1 == max_steps else {}
 
     def measure(self, policy: Any, step: int, is_main: bool = True) -> dict[str, float]:
         """Score the validation replies; save the policy if its gold is the best so far."""

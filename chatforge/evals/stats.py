@@ -75,6 +75,22 @@ def bootstrap_ci(
     return (float(lo), float(hi))
 
 
+def jackknife_ci(n: int, stat: Callable[[np.ndarray], float], z: float = 1.96) -> tuple[float, float]:
+    """Normal interval from the leave-one-out jackknife of `stat(indices)` over items 0..n-1.
+
+    For pooled statistics such as distinct-n, where a bootstrap resample's duplicated items are themselves
+    repeats (so every resample scores low and the percentile interval misses the estimate); the jackknife
+    never duplicates an item. Fewer than 2 items give (nan, nan).
+    """
+    if n < 2:
+        return (float("nan"), float("nan"))
+    idx = np.arange(n)
+    loo = np.array([stat(np.delete(idx, i)) for i in range(n)], dtype=float)
+    se = float(np.sqrt((n - 1) / n * np.sum((loo - loo.mean()) ** 2)))
+    full = float(stat(idx))
+    return (full - z * se, full + z * se)
+
+
 def _check_outcomes(outcomes: Sequence[float]) -> np.ndarray:
     y = np.asarray(outcomes, dtype=float)
     bad = ~np.isin(y, (0.0, 0.5, 1.0))

@@ -160,6 +160,8 @@ def run(cfg: GRPOConfig, out: Path, resume: bool = True) -> dict:
         ro_cfg, chunk, k = cfg.rollout, cfg.rollout.forward_batch_size, cfg.grpo.group_size
 
         def step_fn(step: int) -> dict:
+            # over-optimisation: proxy vs gold on validation prompts, of the policy before this update
+            gold_row = gold.before_update(policy, step, info.is_main) if gold is not None else {}
             # 1. K replies per prompt of this rank
             idx = next(stream)
             seeds = [rollout_seed(cfg.train.seed, step, info.rank, i) for i in range(len(idx))]
@@ -216,8 +218,9 @@ def run(cfg: GRPOConfig, out: Path, resume: bool = True) -> dict:
                 kl = get_kl_estimator(cfg.grpo.kl_estimator)(old_logprobs, ref_logprobs)
                 metrics["objective/kl"] = float(masked_sum(kl, ro.mask, dim=1).mean())
             metrics = all_reduce_mean(metrics, info)
-            if gold is not None and gold.due(step):  # over-optimisation: proxy vs gold on validation prompts
-                metrics.update(gold.measure(policy, step, info.is_main))
+            if gold is not None:  # the final policy too, after this (last) update
+                gold_row = gold.after_last_update(policy, step, cfg.train.max_steps, info.is_main) or gold_row
+                metrics.update(gold_row)
             metrics.update(guards.update(metrics))
             return {**metrics, "_tokens": int(ro.mask.sum()), "_ok": all_ok}
 

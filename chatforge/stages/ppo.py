@@ -72,7 +72,14 @@ from chatforge.core.distributed import (
 from chatforge.core.io import UserError
 from chatforge.core.log import print0
 from chatforge.core.model import apply_lora, count_params, save_model, unwrap
-from chatforge.core.rewards import RewardSource, RMReward, make_reward_source, same_token_ids, score_rollout
+from chatforge.core.rewards import (
+    RewardSource,
+    RMReward,
+    make_reward_source,
+    reward_models,
+    same_token_ids,
+    score_rollout,
+)
 from chatforge.core.rl import (
     AdaptiveKLController,
     FixedKLController,
@@ -341,8 +348,9 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
     try:
         # ---------------------------------------------------------------- models and reward
         reward = make_reward_source(cfg.reward, info.device, cfg.rollout.forward_batch_size)  # type: ignore[arg-type]
-        if cfg.ppo.normalise_scores and isinstance(reward, RMReward) and reward.norm.std > 0:
-            reward.norm = dataclasses.replace(reward.norm, divide_std=True)  # scores (and an RM critic) in SFT stds
+        for rm in reward_models(reward) if cfg.ppo.normalise_scores else []:  # an ensemble: each member its own
+            if rm.norm.std > 0:
+                rm.norm = dataclasses.replace(rm.norm, divide_std=True)  # scores (and an RM critic) in SFT stds
         uses_critic = cfg.ppo.baseline != "rloo"
         k = cfg.ppo.samples_per_prompt
         if cfg.critic.adapter:  # one frozen base: policy adapter, reference = adapters off, critic adapter + head
@@ -404,6 +412,8 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
         reuse_logprobs = engine_logprobs_usable(ro_cfg.temperature, ro_cfg.top_k, ro_cfg.top_p, amp)
 
         def step_fn(step: int) -> dict:
+            # over-optimisation: proxy vs gold on validation prompts, of the policy before this update
+            gold_row = gold.before_update(policy, step, info.is_main) if gold is not None else {}
             # ---- rollout. 1. sample K replies per prompt of this rank (rows prompt-major)
             idx = next(stream)
             seeds = [rollout_seed(cfg.train.seed, step, info.rank, i) for i in range(len(idx))]
@@ -501,8 +511,9 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
             if cfg.ptx.coef == 0:
                 metrics["ppo/ptx_loss"] = 0.0
             metrics = all_reduce_mean(metrics, info)  # every rank takes the same KL and guard decisions
-            if gold is not None and gold.due(step):  # over-optimisation: proxy vs gold on validation prompts
-                metrics.update(gold.measure(policy, step, info.is_main))
+            if gold is not None:  # the final policy too, after this (last) update
+                gold_row = gold.after_last_update(policy, step, cfg.train.max_steps, info.is_main) or gold_row
+                metrics.update(gold_row)
             kl_ctl.update(metrics["objective/kl"], n_steps=len(traj) * info.world_size)
             metrics.update(guards.update(metrics))
             return {**metrics, "_tokens": int(ro.mask.sum()), "_ok": all_ok}

@@ -413,7 +413,7 @@ def general_report(model: Any, tok: Any, convs: list[dict], replies: list[str], 
     """Held-out loss on human-written replies, and the rule labeler's general-quality utility, distinct-n and
     repetition of this model's own replies to the same conversations' prompts; 95 % bootstrap intervals."""
     from chatforge.data.utility import rule_utility
-    from chatforge.evals.stats import bootstrap_ci
+    from chatforge.evals.stats import bootstrap_ci, jackknife_ci
     from chatforge.evals.text import distinct_n, repetition_rate
 
     losses = conversation_losses(model, tok, convs, cfg.batch_size)
@@ -425,13 +425,18 @@ def general_report(model: Any, tok: Any, convs: list[dict], replies: list[str], 
         lo, hi = bootstrap_ci(values, stat=fn, n_boot=cfg.n_boot, seed=cfg.seed)
         return {"mean": float(fn(np.asarray(values, dtype=float))) if len(values) else None, "lo": lo, "hi": hi}
 
-    def over_replies(fn: Callable[[list[str]], float]) -> dict:  # a pooled text measure, resampling replies
-        return stat(np.arange(len(replies)), lambda idx: fn([replies[int(i)] for i in idx]))
+    def pooled(fn: Callable[[list[str]], float]) -> dict:  # a text measure over all replies: jackknife interval
+        def on(idx: np.ndarray) -> float:
+            return fn([replies[int(i)] for i in idx])
+
+        lo, hi = jackknife_ci(len(replies), on)
+        return {"mean": on(np.arange(len(replies))) if replies else None, "lo": lo, "hi": hi}
 
     vocab = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()
     return {"n": len(convs), "vocab": vocab,
             "loss": {**stat(known), "per": losses, "n": len(known)}, "utility": {**stat(util), "per": util},
-            "distinct_2": over_replies(lambda r: distinct_n(r, 2)), "repetition": over_replies(repetition_rate),
+            "distinct_2": pooled(lambda r: distinct_n(r, 2)),
+            "repetition": stat([repetition_rate([r]) for r in replies]),  # a share of replies: bootstrap is fine
             "end_of_turn": float(np.mean([why != "length" for why in reasons])) if reasons else None}
 
 
