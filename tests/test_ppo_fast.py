@@ -112,7 +112,7 @@ def test_ensemble_scores_are_the_members_mean_or_worst_case(tiny_tokenizer, tiny
                                                           tmp_path):
     """`ensemble:min:A,B` scores a rollout with each member (each its own normalisation) and takes the min; a
     member with another tokenizer, a nested ensemble or a bad combine fails before any scoring."""
-    from chatforge.core.rewards import EnsembleReward
+    from chatforge.core.rewards import EnsembleReward, divide_by_sft_std
     from chatforge.stages.rm import RewardNorm, init_reward_model, save_reward_model
 
     tok = tiny_tokenizer
@@ -133,6 +133,12 @@ def test_ensemble_scores_are_the_members_mean_or_worst_case(tiny_tokenizer, tiny
     assert score_rollout(worst, tok, ro) == pytest.approx([min(x, y) for x, y in zip(a, b)], abs=1e-5)
     mean = make_reward_source(f"ensemble:mean:{first},{tmp_path / 'rm2'}")
     assert mean.score(prompts, texts) == pytest.approx([(x + y) / 2 for x, y in zip(a, b)], abs=1e-5)
+    # ppo.normalise_scores: each member in its own SFT stds (rm2 stores std 4; the first RM none, so it stays)
+    save_reward_model(rm, rm_tok, RewardNorm(mean=-5.5, std=4.0), tmp_path / "rm2")
+    worst = make_reward_source(f"ensemble:min:{first},{tmp_path / 'rm2'}")
+    assert score_rollout(worst, tok, ro) == pytest.approx([min(x, y) for x, y in zip(a, b)], abs=1e-5)
+    divide_by_sft_std(worst)
+    assert score_rollout(worst, tok, ro) == pytest.approx([min(x, y / 4) for x, y in zip(a, b)], abs=1e-5)
 
     from transformers import AutoTokenizer
 

@@ -26,6 +26,7 @@ the canonical tokenisation of its text (tested); the id path scores exactly what
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any, Protocol
@@ -172,6 +173,14 @@ def reward_models(reward: Any) -> list[RMReward]:
     """The reward models inside a reward source: itself, each member of an ensemble, or none."""
     members = reward.members if isinstance(reward, EnsembleReward) else [reward]
     return [m for m in members if isinstance(m, RMReward)]
+
+
+def divide_by_sft_std(reward: Any) -> None:
+    """Scores in units of each RM's SFT-reply std from now on (`ppo.normalise_scores`); in an ensemble every
+    member by its own, so a worst case compares like with like. An RM without a stored std is left as is."""
+    for rm in reward_models(reward):
+        if rm.norm.std > 0:
+            rm.norm = dataclasses.replace(rm.norm, divide_std=True)
 
 
 def make_reward_source(spec: str, device: torch.device | str = "cpu", batch_size: int = 16) -> RewardSource:

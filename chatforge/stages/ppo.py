@@ -49,7 +49,6 @@ core/rollout.py, and the loop (resume, checkpoints, logging) in core/train.py.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from collections import defaultdict
@@ -75,8 +74,8 @@ from chatforge.core.model import apply_lora, count_params, save_model, unwrap
 from chatforge.core.rewards import (
     RewardSource,
     RMReward,
+    divide_by_sft_std,
     make_reward_source,
-    reward_models,
     same_token_ids,
     score_rollout,
 )
@@ -348,9 +347,8 @@ def run(cfg: PPOConfig, out: Path, resume: bool = True) -> dict:
     try:
         # ---------------------------------------------------------------- models and reward
         reward = make_reward_source(cfg.reward, info.device, cfg.rollout.forward_batch_size)  # type: ignore[arg-type]
-        for rm in reward_models(reward) if cfg.ppo.normalise_scores else []:  # an ensemble: each member its own
-            if rm.norm.std > 0:
-                rm.norm = dataclasses.replace(rm.norm, divide_std=True)  # scores (and an RM critic) in SFT stds
+        if cfg.ppo.normalise_scores:
+            divide_by_sft_std(reward)  # scores (and an RM critic) in SFT stds
         uses_critic = cfg.ppo.baseline != "rloo"
         k = cfg.ppo.samples_per_prompt
         if cfg.critic.adapter:  # one frozen base: policy adapter, reference = adapters off, critic adapter + head
