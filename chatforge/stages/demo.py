@@ -46,6 +46,9 @@ class DemoSizes:
     reply_tokens: int = 24
     human_demos: int = 0
     """Embedded OpenAssistant demonstrations added to the task-suite ones (the --base demo)."""
+    chat_demos: int = 0
+    """Embedded HH-RLHF `chosen` dialogues added too: general chat, so SFT on terse task demos does not cost the
+    base model its conversational replies (the alignment tax; BENCHMARKS.md, session 14)."""
     sft_lr: float = 2e-3
     rm_lr: float = 3e-4
     rm_warmup: int = 20
@@ -70,17 +73,20 @@ QUICK = DemoSizes(depth=1, pretrain_steps=20, sft_steps=30, demos_per_family=20,
 # greedy replies on 32 picked a step-48 checkpoint that lost on the test prompts (session 9)
 RLOO_GOLD = ("ppo.samples_per_prompt=4", "ppo.baseline=rloo", "ppo.normalise_scores=true", "gold.spec=rule",
              "gold.every=8", "gold.prompts=tasks-heldout:8:977", "gold.samples=2", "gold.temperature=1.0")
+# 32 RLOO iterations (512 episodes): the validation gold never rose past iteration 16 in any run (BENCHMARKS.md)
 BASE = DemoSizes(depth=0, pretrain_steps=0, sft_steps=40, demos_per_family=40, eval_per_family=25,
                  sample_prompts_per_family=40, k=4, seq_len=256, batch_size=8, rounds=1, rm_steps=60,
-                 ppo_steps=64, ppo_batch=16, ppo_prompts_per_family=16, ppo_lr=1e-4, reply_tokens=32,
-                 human_demos=32, sft_lr=5e-4, rm_lr=1e-3, rm_warmup=4, lora=True, rl=RLOO_GOLD, report_bias=False)
+                 ppo_steps=32, ppo_batch=16, ppo_prompts_per_family=16, ppo_lr=1e-4, reply_tokens=32,
+                 human_demos=32, chat_demos=64, sft_lr=5e-4, rm_lr=1e-3, rm_warmup=4, lora=True, rl=RLOO_GOLD,
+                 report_bias=False)
 # with a GPU the same recipe gets the budget RL needs (thousands of PPO episodes, a better-fed RM)
-BASE_GPU = replace(BASE, sft_steps=200, demos_per_family=200, human_demos=95, sample_prompts_per_family=200,
+BASE_GPU = replace(BASE, sft_steps=200, demos_per_family=200, human_demos=95, chat_demos=400,
+                   sample_prompts_per_family=200,
                    rm_steps=400, ppo_steps=300, ppo_batch=64, ppo_prompts_per_family=200, ppo_lr=5e-5,
                    kl_coef=0.1, eval_per_family=50)
 BASE_QUICK = DemoSizes(depth=0, pretrain_steps=0, sft_steps=6, demos_per_family=4, eval_per_family=1,
                        sample_prompts_per_family=2, k=2, rm_batch=2, seq_len=128, batch_size=4, rounds=1, rm_steps=2,
-                       ppo_steps=2, ppo_batch=4, ppo_prompts_per_family=1, reply_tokens=8, human_demos=2,
+                       ppo_steps=2, ppo_batch=4, ppo_prompts_per_family=1, reply_tokens=8, human_demos=2, chat_demos=2,
                        sft_lr=1e-3, lora=True, rl=("ppo.samples_per_prompt=2", "ppo.baseline=rloo",
                                                    "ppo.normalise_scores=true", "gold.spec=rule", "gold.every=1",
                                                    "gold.prompts=tasks-heldout:1:977"))
@@ -192,6 +198,8 @@ def run(out: Path, quick: bool = False, base: str | None = None) -> dict:
         cfg.data.paths = [f"tasks:{sizes.demos_per_family}"]
         if sizes.human_demos:
             cfg.data.paths.append(f"embedded:sft/oasst-best:{sizes.human_demos}")
+        if sizes.chat_demos:
+            cfg.data.paths.append(f"embedded:sft/hh-chosen:{sizes.chat_demos}")
         sft.run(cfg, sft_dir)
     timings["sft"] = time.perf_counter() - t
 
