@@ -541,7 +541,11 @@ class PTXConfig:
     coef: float = 0.0
     """ptx_coef (0 = plain PPO)."""
     data: str | None = None
-    """A `chatforge data prepare` dir tokenised with the policy's tokenizer (required when coef > 0)."""
+    """A `chatforge data prepare` dir tokenised with the policy's tokenizer (this or `demos` when coef > 0)."""
+    demos: list[str] = field(default_factory=list)
+    """Or demonstrations (`sft --data` specs): the LM loss on their assistant tokens, chat-templated and packed as
+    SFT packs them. For a pretrained chat model whose pretraining corpus is not at hand, this is what keeps its
+    general chat while RL chases the RM (the alignment tax)."""
     batch_size: int = 4
     seq_len: int = 128
 
@@ -678,6 +682,8 @@ class EvalConfig:
     """SFT validation conversations: tasks:N (held-out demonstrations) or a conversation file."""
     comparisons: list[str] = field(default_factory=list)
     """Held-out comparison files for RM accuracy."""
+    comparisons_split: Literal["all", "val"] = "all"
+    """val: only the RM's own validation split of `comparisons` (they are its training data, as in a loop round)."""
     prompts: str = "tasks-heldout:10"
     """Eval prompts: tasks-heldout:N[:SEED] or a prompt JSONL."""
     train_prompts: list[str] = field(default_factory=list)

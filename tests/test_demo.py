@@ -85,6 +85,10 @@ def test_demo_from_a_pretrained_chat_model_quick(tiny_tokenizer, tiny_model_fact
     # the --base recipe: RLOO with K samples per prompt and the gold validation monitor keeping best_gold/
     assert policy["config"]["ppo"]["baseline"] == "rloo" and policy["config"]["ppo"]["samples_per_prompt"] == 2
     assert policy["config"]["gold"]["spec"] == "rule"
+    # PPO-ptx on the general-chat demonstrations SFT mixed in (the alignment tax of the RL round)
+    assert policy["config"]["ptx"]["coef"] > 0 and "embedded:sft/hh-chosen:2" in policy["config"]["ptx"]["demos"]
+    rows = [json.loads(x) for x in (tmp_path / "out" / "loop/round-1/policy/metrics.jsonl").read_text().splitlines()]
+    assert all(r["ppo/ptx_loss"] > 0 for r in rows if "ppo/ptx_loss" in r) and any("ppo/ptx_loss" in r for r in rows)
     ev = json.loads((tmp_path / "out" / "loop/round-1/eval.json").read_text())
     best = tmp_path / "out" / "loop/round-1/policy/best_gold"
     assert (best / "config.json").exists() and ev["policy"] == str(best)

@@ -124,6 +124,50 @@ def test_ptx_adds_exactly_coef_times_lm_loss(setup, tiny_tokenizer, tiny_model_f
     assert policy.model.embed_tokens.weight.grad.abs().sum() > 0
 
 
+def test_ptx_on_demonstrations_trains_their_assistant_tokens(setup, tmp_path):
+    """ptx.demos: the LM term is the SFT loss of packed demonstrations (assistant tokens only), and it runs and
+    resumes in the PPO loop; one of ptx.data / ptx.demos is required, not both."""
+    from chatforge.stages import ppo
+
+    root, model_dir, prompts = setup
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {w}."},
+                                                      {"role": "assistant", "content": f"{w} {w} {w}."}]}) + "\n"
+                             for w in ("ball", "sun", "cat", "tree", "red", "dog")))
+    sets = _ppo_sets(root, model_dir, prompts, 3, ["train.checkpoint_every=0", "ptx.coef=1.0", f"ptx.demos={demos}",
+                                                   "ptx.seq_len=64", "ptx.batch_size=2"])
+    ppo.run(load_config(PPOConfig, None, sets), tmp_path / "run", resume=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["ppo/ptx_loss"] > 0.5 for r in rows)
+    from chatforge.stages.report import training_specs
+
+    assert str(demos) in training_specs([tmp_path / "run"])  # the eval leaves the ptx demos out of general chat
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatforge.core.distributed import init_distributed
+    from chatforge.data.sft_data import sft_loss
+
+    cfg = load_config(PPOConfig, None, sets)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    loader = ppo.make_ptx_loader(cfg.ptx, tok, 0, init_distributed("cpu"))
+    batch = next(iter(loader))
+    assert isinstance(batch, dict) and (batch["targets"] != -100).sum() < batch["input_ids"].numel()  # masked
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ro = _rollout(model, tok, n=2)
+    rows_ = (ro.query_ids, ro.query_mask, ro.response_ids, ro.mask)
+    lp, _ = rollout_logprobs(model, *rows_, temperature=1.0, chunk=4)
+    n, t = ro.response_ids.shape
+    traj = Trajectory(*rows_, lp, lp, torch.zeros(n, t), torch.zeros(n), ro.ended)
+    cfg.ppo.vf_coef = 0.0
+    loss, stats = ppo.ppo_loss(model, None, traj, torch.zeros(n, t), torch.zeros(n, t), cfg, batch)
+    expected, _ = sft_loss(model, batch)
+    assert stats["ppo/ptx_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    for bad in (["ptx.coef=1.0"], ["ptx.coef=1.0", f"ptx.demos={demos}", f"ptx.data={root}"]):
+        with pytest.raises(UserError, match="ptx.data .* or ptx.demos"):
+            ppo.run(load_config(PPOConfig, None, _ppo_sets(root, model_dir, prompts, 1, bad)), tmp_path / "bad")
+
+
 def _ppo_sets(root, model_dir, prompts, steps, extra=()):
     return [f"policy={model_dir}", f"prompts={prompts}", "reward=keyword:e", f"train.max_steps={steps}",
             "train.batch_size=8", "ppo.minibatch_size=4", "ppo.epochs=2", "rollout.max_new_tokens=12",

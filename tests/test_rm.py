@@ -163,7 +163,7 @@ def test_several_labelers_as_is_or_aggregated(tmp_path):
 # ----------------------------------------------------------------------------- scoring
 
 
-def test_score_taken_at_last_real_token(tiny_tokenizer, tiny_model_factory, tmp_path):
+def test_score_taken_at_last_real_token(tiny_tokenizer, tiny_model_factory, tmp_path, monkeypatch):
     from chatforge.stages.rm import ensure_pad_token, init_reward_model
 
     model, tok, _ = init_reward_model(str(save_tiny_model(tmp_path / "m", tiny_tokenizer, tiny_model_factory)), 0)
@@ -182,6 +182,21 @@ def test_score_taken_at_last_real_token(tiny_tokenizer, tiny_model_factory, tmp_
         h = model.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
         wrong = model.score(h[:, -1])[:, 0].tolist()
         assert wrong[0] != pytest.approx(alone[0], abs=1e-3)
+    # score_sequences scores each distinct sequence once (a panel repeats every reply once per labeler) and
+    # returns the scores in input order
+    import chatforge.data.rm_data as rm_data
+
+    scored_rows = []
+    real = rm_data.sequence_rewards
+
+    def counting(m, batch):
+        scored_rows.append(batch["input_ids"].shape[0])
+        return real(m, batch)
+
+    monkeypatch.setattr(rm_data, "sequence_rewards", counting)
+    got = rm_data.score_sequences(model, [seqs[2], seqs[0], seqs[2], seqs[1], seqs[0]], pad, batch_size=8)
+    assert sum(scored_rows) == 3
+    assert got == pytest.approx([alone[2], alone[0], alone[2], alone[1], alone[0]], abs=1e-4)
     # a pad token equal to the end-of-turn token would end real sequences: it gets replaced
     tok2 = type(tok).from_pretrained(tmp_path / "m")
     tok2.pad_token = "<|end|>"

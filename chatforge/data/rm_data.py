@@ -347,15 +347,19 @@ def rm_loss(model: Any, batch: dict[str, Any], tie_weight: float = 0.0) -> tuple
 @torch.no_grad()
 def score_sequences(model: Any, seqs: list[list[int]], pad_id: int, batch_size: int,
                     device: torch.device | str = "cpu") -> list[float]:
-    """Raw rewards of token sequences, batched by length (less padding), returned in input order."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out = [0.0] * len(seqs)
+    """Raw rewards of token sequences, batched by length (less padding), returned in input order. Each distinct
+    sequence is scored once (a panel's comparisons repeat the same K replies once per labeler)."""
+    first: dict[tuple[int, ...], int] = {}
+    slot = [first.setdefault(tuple(s), len(first)) for s in seqs]
+    unique = [list(k) for k in first]
+    order = sorted(range(len(unique)), key=lambda i: len(unique[i]))
+    scores = [0.0] * len(unique)
     for s in range(0, len(order), max(1, batch_size)):
         idx = order[s: s + batch_size]
-        batch = {k: v.to(device) for k, v in pad_batch([seqs[i] for i in idx], pad_id).items()}
+        batch = {k: v.to(device) for k, v in pad_batch([unique[i] for i in idx], pad_id).items()}
         for i, r in zip(idx, sequence_rewards(model, batch).tolist()):
-            out[i] = r
-    return out
+            scores[i] = r
+    return [scores[j] for j in slot]
 
 
 def most_common_policy(examples: list[RMExample]) -> str:

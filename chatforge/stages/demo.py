@@ -56,6 +56,11 @@ class DemoSizes:
     kl_coef: float = 0.05
     lora: bool = False
     """LoRA for SFT, RM and PPO (policy; the value head sits on the policy's trunk), as for a real base model."""
+    ptx_coef: float = 0.0
+    """PPO-ptx on the SFT mix's general-chat demonstrations (`ptx.demos`): the RL round's LM term that keeps the
+    held-out loss on human replies at the base's (the alignment tax of RL; BENCHMARKS.md, session 15)."""
+    ptx_batch: int = 2
+    """Packed demonstration rows in each policy minibatch's ptx term."""
     rl: tuple[str, ...] = ()
     """Extra --set overrides for the RL stage (e.g. RLOO with the gold validation checkpoint)."""
     report_bias: bool = True
@@ -73,12 +78,13 @@ QUICK = DemoSizes(depth=1, pretrain_steps=20, sft_steps=30, demos_per_family=20,
 # greedy replies on 32 picked a step-48 checkpoint that lost on the test prompts (session 9)
 RLOO_GOLD = ("ppo.samples_per_prompt=4", "ppo.baseline=rloo", "ppo.normalise_scores=true", "gold.spec=rule",
              "gold.every=8", "gold.prompts=tasks-heldout:8:977", "gold.samples=2", "gold.temperature=1.0")
-# 32 RLOO iterations (512 episodes): the validation gold never rose past iteration 16 in any run (BENCHMARKS.md)
-BASE = DemoSizes(depth=0, pretrain_steps=0, sft_steps=40, demos_per_family=40, eval_per_family=25,
+# 24 RLOO iterations (384 episodes): the validation gold peaked at iteration 16 or 24 in every run (BENCHMARKS.md),
+# and 32 SFT steps (2.4 epochs of the mix): what fits the 45-minute budget on 2 cores
+BASE = DemoSizes(depth=0, pretrain_steps=0, sft_steps=32, demos_per_family=40, eval_per_family=25,
                  sample_prompts_per_family=40, k=4, seq_len=256, batch_size=8, rounds=1, rm_steps=60,
-                 ppo_steps=32, ppo_batch=16, ppo_prompts_per_family=16, ppo_lr=1e-4, reply_tokens=32,
+                 ppo_steps=24, ppo_batch=16, ppo_prompts_per_family=16, ppo_lr=1e-4, reply_tokens=32,
                  human_demos=32, chat_demos=64, sft_lr=5e-4, rm_lr=1e-3, rm_warmup=4, lora=True, rl=RLOO_GOLD,
-                 report_bias=False)
+                 ptx_coef=0.5, report_bias=False)
 # with a GPU the same recipe gets the budget RL needs (thousands of PPO episodes, a better-fed RM)
 BASE_GPU = replace(BASE, sft_steps=200, demos_per_family=200, human_demos=95, chat_demos=400,
                    sample_prompts_per_family=200,
@@ -87,6 +93,7 @@ BASE_GPU = replace(BASE, sft_steps=200, demos_per_family=200, human_demos=95, ch
 BASE_QUICK = DemoSizes(depth=0, pretrain_steps=0, sft_steps=6, demos_per_family=4, eval_per_family=1,
                        sample_prompts_per_family=2, k=2, rm_batch=2, seq_len=128, batch_size=4, rounds=1, rm_steps=2,
                        ppo_steps=2, ppo_batch=4, ppo_prompts_per_family=1, reply_tokens=8, human_demos=2, chat_demos=2,
+                       ptx_coef=0.5, ptx_batch=1,
                        sft_lr=1e-3, lora=True, rl=("ppo.samples_per_prompt=2", "ppo.baseline=rloo",
                                                    "ppo.normalise_scores=true", "gold.spec=rule", "gold.every=1",
                                                    "gold.prompts=tasks-heldout:1:977"))
@@ -127,6 +134,16 @@ def _general_table(report_path: Path) -> dict:
     return {lab: {k: {x: g[k].get(x) for x in ("mean", "lo", "hi")} for k in ("loss", "utility", "distinct_2",
                                                                           "repetition")}
             for lab, g in models.items()} | {"delta": rep["general"]["delta"]}
+
+
+def _ptx_sets(sizes: DemoSizes) -> list[str]:
+    """PPO-ptx on the general-chat demonstrations SFT mixed in."""
+    demos = [*([f"embedded:sft/oasst-best:{sizes.human_demos}"] if sizes.human_demos else []),
+             *([f"embedded:sft/hh-chosen:{sizes.chat_demos}"] if sizes.chat_demos else [])]
+    if not (sizes.ptx_coef and demos):
+        return []
+    return [f"ptx.coef={sizes.ptx_coef}", f"ptx.demos={','.join(demos)}", f"ptx.seq_len={sizes.seq_len}",
+            f"ptx.batch_size={sizes.ptx_batch}"]
 
 
 def _done(run_dir: Path) -> bool:
@@ -230,7 +247,8 @@ def run(out: Path, quick: bool = False, base: str | None = None) -> dict:
                      f"rollout.max_new_tokens={sizes.reply_tokens}", f"ppo.kl_coef={sizes.kl_coef}", *lora,
                      *([f"ppo.minibatch_size={min(8, sizes.ppo_batch)}"] if rloo else
                        ["ppo.epochs=2", f"ppo.minibatch_size={max(2, sizes.ppo_batch // 2)}"]),
-                     *(["critic.shared=true", "critic.lr=1e-3"] if sizes.lora and not rloo else []), *sizes.rl]
+                     *(["critic.shared=true", "critic.lr=1e-3"] if sizes.lora and not rloo else []), *sizes.rl,
+                     *_ptx_sets(sizes)]
     loop_summary = run_loop(lcfg)
     timings["rlhf_rounds"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start

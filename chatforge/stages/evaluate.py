@@ -15,22 +15,20 @@ from chatforge.core.tokenizer import render_for_completion, stop_token_ids
 
 def generate_replies(model: Any, tok: Any, prompts: list[dict], max_new_tokens: int = 48, temperature: float = 0.0,
                      seed: int = 0, batch_size: int = 32) -> tuple[list[str], list[str]]:
-    """One reply per prompt (greedy by default) with the engine; returns (texts, finish reasons)."""
+    """One reply per prompt (greedy by default) with the engine; returns (texts, finish reasons).
+
+    The engine runs `batch_size` prompts at a time, grouped by length (held-out conversations range from 30 to
+    700 tokens: batched in file order, most of a batch's prefill is padding); every row has its own seed, so
+    the replies do not depend on the grouping."""
     from chatforge.core.generation import SamplingParams, generate
 
-    texts, reasons = [], []
     context = model.config.max_position_embeddings
-    stops = stop_token_ids(tok)
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i: i + batch_size]
-        ids = [render_for_completion(tok, p["messages"])[-(context - max_new_tokens):] for p in chunk]
-        params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-        with torch.inference_mode():
-            gens = generate(model, ids, params, stop_token_ids=stops, pad_id=tok.pad_token_id, tokenizer=tok)
-        for g in gens:
-            texts.append(g[0].text.strip())
-            reasons.append(g[0].finish_reason)
-    return texts, reasons
+    ids = [render_for_completion(tok, p["messages"])[-(context - max_new_tokens):] for p in prompts]
+    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    with torch.inference_mode():
+        gens = generate(model, ids, params, stop_token_ids=stop_token_ids(tok), pad_id=tok.pad_token_id,
+                        tokenizer=tok, batch_size=batch_size)
+    return [g[0].text.strip() for g in gens], [g[0].finish_reason for g in gens]
 
 
 def task_accuracy(prompts: list[dict], replies: list[str]) -> dict[str, dict]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from chatforge.config import load_config, to_dict
-from chatforge.core.io import UserError, write_json
+from chatforge.core.io import UserError, write_json, write_jsonl
 from chatforge.core.log import console, print0
 from chatforge.core.run import read_manifest
 from chatforge.core.tracking import final_mean
@@ -340,6 +340,9 @@ def run(cfg: LoopConfig, people: PeopleLabels | None = None, feedback: FeedbackS
 
         seen = {normalize_prompt(prompt_text(p)) for p in load_prompts(cfg.eval_exclude)}
         eval_prompts = [p for p in eval_prompts if normalize_prompt(prompt_text(p)) not in seen]
+    # the rounds' reports judge the same prompts as their eval, and reuse its greedy replies (`cache`)
+    eval_prompts_path = out / "eval_prompts.jsonl"
+    write_jsonl(eval_prompts_path, eval_prompts)
     policy, prev_rm = cfg.sft, None
     cmp_paths: list[Path] = []
     rounds, cache = [], {}
@@ -386,13 +389,17 @@ def run(cfg: LoopConfig, people: PeopleLabels | None = None, feedback: FeedbackS
             prev = out / f"round-{r - 1}" / "report"
             # the untouched base too (when given): general chat is measured against it (the alignment tax)
             baselines = [policy] if policy == cfg.sft else [policy, cfg.sft]
+            def eval_replies(spec: str, model: Any, tok: Any, prompts: list[dict]) -> tuple | None:
+                return cache.get((spec, "greedy")) if prompts == eval_prompts else None
+
             run_report(EvalConfig(model=new_policy, baselines=baselines + ([cfg.baseline] if cfg.baseline else []),
-                                  reward=str(rm_dir), judge=cfg.judge, prompts=cfg.eval_prompts,
-                                  comparisons=[str(cmp_path)], bias=cfg.report_bias,
+                                  reward=str(rm_dir), judge=cfg.judge, prompts=str(eval_prompts_path),
+                                  # the round's comparisons trained its RM: its held-out split only
+                                  comparisons=[str(cmp_path)], comparisons_split="val", bias=cfg.report_bias,
                                   general=EvalConfig().general if cfg.report_general else [],
                                   general_n=cfg.report_general,
                                   previous=str(prev) if prev.exists() else None,
-                                  max_new_tokens=cfg.eval_max_new_tokens), report_dir)
+                                  max_new_tokens=cfg.eval_max_new_tokens), report_dir, reply_fn=eval_replies)
         _register(rdir)
         rounds.append(res)
         policy, prev_rm = new_policy, rm_dir

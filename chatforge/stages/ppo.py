@@ -227,13 +227,16 @@ def rollout_values(critic: torch.nn.Module, policy: Any, traj_rows: tuple[torch.
 
 
 def ppo_loss(policy: Any, critic: torch.nn.Module | None, mb: Trajectory, advantages: torch.Tensor,
-             returns: torch.Tensor, cfg: PPOConfig, ptx_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+             returns: torch.Tensor, cfg: PPOConfig, ptx_batch: Any = None,
              ptx_model: Any = None, update_policy: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy loss + vf_coef · clipped value loss (+ ptx.coef · LM loss on `ptx_batch`) on one minibatch.
+
+    `ptx_batch`: (inputs, targets) windows of a prepared corpus, or a packed SFT batch (dict) from `ptx.demos`.
 
     `ptx_model` is the module the LM loss runs through (the bare policy under DDP; default `policy`).
     `critic=None` (ppo.baseline=rloo): no value loss. `update_policy=False` (critic warm-up): the value loss only.
     """
+    from chatforge.data.sft_data import sft_loss
     from chatforge.stages.pretrain import lm_loss
 
     inputs = model_inputs(mb.query_ids, mb.query_mask, mb.response_ids, mb.mask)
@@ -252,7 +255,8 @@ def ppo_loss(policy: Any, critic: torch.nn.Module | None, mb: Trajectory, advant
              "policy/approxkl": float(pg["approxkl"]), "policy/ratio": float(pg["ratio"]),
              "policy/entropy": entropy, "val/clipfrac": float(vf["clipfrac"])}
     if cfg.ptx.coef > 0 and ptx_batch is not None and update_policy:
-        ptx_loss, _ = lm_loss(ptx_model if ptx_model is not None else policy, ptx_batch)
+        ptx_loss, _ = (sft_loss if isinstance(ptx_batch, dict) else lm_loss)(
+            ptx_model if ptx_model is not None else policy, ptx_batch)
         loss = loss + cfg.ptx.coef * ptx_loss
         stats["ppo/ptx_loss"] = ptx_loss.item()
     return loss, stats
@@ -286,8 +290,9 @@ def check_config(cfg: PPOConfig) -> None:
         problems.append("ppo.baseline=rloo trains no critic; drop critic.adapter / critic.shared")
     if cfg.ptx.coef < 0:
         problems.append("ptx.coef must be >= 0")
-    elif cfg.ptx.coef > 0 and not cfg.ptx.data:
-        problems.append("ptx.coef > 0 needs ptx.data (a `chatforge data prepare` dir)")
+    elif cfg.ptx.coef > 0 and bool(cfg.ptx.data) == bool(cfg.ptx.demos):
+        problems.append("ptx.coef > 0 needs one of ptx.data (a `chatforge data prepare` dir) or ptx.demos "
+                        "(demonstrations, as `sft --data` takes them)")
     if problems:
         raise UserError("invalid ppo config: " + "; ".join(problems))
 
@@ -298,10 +303,20 @@ def make_kl_controller(cfg: PPOConfig) -> KLController:
 
 
 def make_ptx_loader(cfg: PTXConfig, tok: Any, seed: int, info: DistInfo) -> Any:
-    """A resumable WindowLoader over the pretraining data, after checking it was tokenised like the policy."""
+    """A resumable WindowLoader over the pretraining data, after checking it was tokenised like the policy; or,
+    with `ptx.demos`, a RowLoader over the demonstrations packed as SFT packs them."""
     from chatforge.core.tokenizer import load_tokenizer
     from chatforge.data.lm_loader import WindowLoader, load_split
 
+    if cfg.demos:
+        from chatforge.data.sft_data import RowLoader, load_conversations, pack, render_examples
+
+        examples, _ = render_examples(tok, load_conversations(cfg.demos), cfg.seq_len)
+        rows = pack(examples, cfg.seq_len)
+        if not rows:
+            raise UserError(f"ptx.demos {', '.join(cfg.demos)}: no conversation fits ptx.seq_len={cfg.seq_len}")
+        print0(f"ptx: {len(rows)} packed rows of <= {cfg.seq_len} tokens from {len(examples)} demonstrations")
+        return RowLoader(rows, cfg.batch_size, tok.pad_token_id, seed, info.rank, info.world_size, info.device)
     data = Path(cfg.data or "")
     meta_path = data / "meta.json"
     if not meta_path.exists():

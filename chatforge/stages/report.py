@@ -44,7 +44,8 @@ from chatforge.core.log import print0, warn
 from chatforge.core.run import read_manifest
 from chatforge.core.tracking import read_metrics
 
-ReplyFn = Callable[[Any, Any, list[dict]], tuple[list[str], list[str]]]
+# (spec, model, tok, prompts) -> (replies, finish reasons), or None: generate them as usual
+ReplyFn = Callable[[str, Any, Any, list[dict]], tuple[list[str], list[str]] | None]
 LINEAGE_MAX = 12  # run dirs followed back from a model
 
 
@@ -379,6 +380,7 @@ def load_general(specs: list[str], n: int, exclude: set[str]) -> list[dict]:
     return mixed[:n]
 
 
+GENERAL_BATCH_TOKENS = 2048
 GENERAL_CONTEXT = 512  # tokens of each held-out conversation scored (human replies run long; the start is kept)
 
 
@@ -398,10 +400,19 @@ def conversation_losses(model: Any, tok: Any, convs: list[dict], batch_size: int
             row = Row()
             row.add(ids[:-1], targets)
             rows.append((i, row))
+    # batched by length, at most GENERAL_BATCH_TOKENS padded tokens a batch: conversations run from 50 to 1,000
+    # tokens, and on a CPU a batch of 16 padded to 512 took twice as long as the same rows 4 at a time
+    rows.sort(key=lambda r: len(r[1].inputs))
+    chunks: list[list[tuple[int, Row]]] = []
+    for row in rows:
+        if chunks and len(chunks[-1]) < batch_size and \
+                (len(chunks[-1]) + 1) * len(row[1].inputs) <= GENERAL_BATCH_TOKENS:
+            chunks[-1].append(row)
+        else:
+            chunks.append([row])
     out: list[float | None] = [None] * len(convs)
     with torch.inference_mode():
-        for j in range(0, len(rows), batch_size):
-            chunk = rows[j: j + batch_size]
+        for chunk in chunks:
             losses, valid = token_losses(model, collate([r for _, r in chunk], tok.pad_token_id))
             for (i, _), total, count in zip(chunk, losses.sum(1).tolist(), valid.sum(1).tolist(), strict=True):
                 out[i] = total / count
@@ -511,12 +522,13 @@ def _user_texts(spec: str) -> list[str]:
 
 
 def training_specs(dirs: list[Path]) -> list[str]:
-    """Training data specs recorded in lineage manifests (SFT/RM/DPO data paths, RL prompts)."""
+    """Training data specs recorded in lineage manifests (SFT/RM/DPO data paths, RL prompts, PPO-ptx demos)."""
     specs = []
     for d in dirs:
         cfg = (read_manifest(d) or {}).get("config") or {}
         data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
-        specs += [s for s in data.get("paths") or [] if isinstance(s, str)]
+        ptx = cfg.get("ptx") if isinstance(cfg.get("ptx"), dict) else {}
+        specs += [s for s in [*(data.get("paths") or []), *(ptx.get("demos") or [])] if isinstance(s, str)]
         if isinstance(cfg.get("prompts"), str):
             specs.append(cfg["prompts"])
     return list(dict.fromkeys(specs))
@@ -592,11 +604,9 @@ def _evaluate_subject(s: Subject, prompts: list[dict], cfg: EvalConfig, data_dir
     print0(f"eval: {s.label} ({s.path})")
     model, tok, _ = load_model_and_tokenizer(str(s.path))
     model.eval()
-    if reply_fn is not None:
-        s.replies, s.reasons = reply_fn(s.spec, model, tok, prompts)
-    else:
-        s.replies, s.reasons = generate_replies(model, tok, prompts, cfg.max_new_tokens, cfg.temperature, cfg.seed,
-                                                cfg.batch_size)
+    given = reply_fn(s.spec, model, tok, prompts) if reply_fn is not None else None
+    s.replies, s.reasons = given if given is not None else generate_replies(
+        model, tok, prompts, cfg.max_new_tokens, cfg.temperature, cfg.seed, cfg.batch_size)
     m = read_manifest(s.run_dir) if s.run_dir else None
     r = s.result
     r.update(spec=s.spec, path=str(s.path), run_id=(m or {}).get("run_id"), stage=(m or {}).get("stage"),
@@ -609,11 +619,9 @@ def _evaluate_subject(s: Subject, prompts: list[dict], cfg: EvalConfig, data_dir
     r["bias"] = bias_report(model, tok, cfg) if cfg.bias else None
     if general:
         open_prompts = [{"messages": c["messages"][:-1]} for c in general]
-        if reply_fn is not None:
-            s.general_replies, why = reply_fn(s.spec, model, tok, open_prompts)
-        else:
-            s.general_replies, why = generate_replies(model, tok, open_prompts, cfg.general_max_new_tokens,
-                                                      cfg.temperature, cfg.seed, cfg.batch_size)
+        given = reply_fn(s.spec, model, tok, open_prompts) if reply_fn is not None else None
+        s.general_replies, why = given if given is not None else generate_replies(
+            model, tok, open_prompts, cfg.general_max_new_tokens, cfg.temperature, cfg.seed, cfg.batch_size)
         r["general"] = general_report(model, tok, general, s.general_replies, why, cfg)
     s.kl_reference = kl_reference(s) if cfg.kl else None
     if s.kl_reference is not None:  # sampled replies and their log-probs now; the reference is loaded later
@@ -697,7 +705,7 @@ def run(cfg: EvalConfig, out: str | Path, reply_fn: ReplyFn | None = None) -> di
     """Evaluate cfg.model (vs cfg.baselines) and write report.md / report.html / report.json / *.png to `out`.
 
     `reply_fn(spec, model, tok, prompts) -> (replies, finish_reasons)` replaces generation (tests, or
-    replies produced elsewhere). Returns the report dict (what report.json holds).
+    replies produced elsewhere); where it returns None the report generates. Returns the report dict (what report.json holds).
     """
     from chatforge.evals.bias import delta
     from chatforge.stages import report_render as render
@@ -745,7 +753,8 @@ def run(cfg: EvalConfig, out: str | Path, reply_fn: ReplyFn | None = None) -> di
     if cfg.comparisons:
         from chatforge.stages.rm_eval import evaluate as rm_evaluate
 
-        rm_acc = rm_evaluate(cfg.reward, list(cfg.comparisons), None, batch_size=cfg.batch_size)
+        rm_acc = rm_evaluate(cfg.reward, list(cfg.comparisons), None, split=cfg.comparisons_split,
+                             batch_size=cfg.batch_size)
     history, hack_warnings = training_history(subjects[0].lineage)
     overlap = prompt_overlap(prompts, list(dict.fromkeys([*cfg.train_prompts,
                                                            *training_specs(subjects[0].lineage)])))
