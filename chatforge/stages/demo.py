@@ -136,10 +136,15 @@ def _general_table(report_path: Path) -> dict:
             for lab, g in models.items()} | {"delta": rep["general"]["delta"]}
 
 
+def _chat_demos(sizes: DemoSizes) -> list[str]:
+    """The general-chat demonstrations mixed into SFT beside the task suite's (and PPO-ptx's data)."""
+    return [*([f"embedded:sft/oasst-best:{sizes.human_demos}"] if sizes.human_demos else []),
+            *([f"embedded:sft/hh-chosen:{sizes.chat_demos}"] if sizes.chat_demos else [])]
+
+
 def _ptx_sets(sizes: DemoSizes) -> list[str]:
     """PPO-ptx on the general-chat demonstrations SFT mixed in."""
-    demos = [*([f"embedded:sft/oasst-best:{sizes.human_demos}"] if sizes.human_demos else []),
-             *([f"embedded:sft/hh-chosen:{sizes.chat_demos}"] if sizes.chat_demos else [])]
+    demos = _chat_demos(sizes)
     if not (sizes.ptx_coef and demos):
         return []
     return [f"ptx.coef={sizes.ptx_coef}", f"ptx.demos={','.join(demos)}", f"ptx.seq_len={sizes.seq_len}",
@@ -212,11 +217,7 @@ def run(out: Path, quick: bool = False, base: str | None = None) -> dict:
             f"train.eval_every={max(10, sizes.sft_steps // 2)}", f"train.lr={sizes.sft_lr}",
             f"train.warmup_steps={min(20, sizes.sft_steps // 5)}", *lora])
         cfg.model = start
-        cfg.data.paths = [f"tasks:{sizes.demos_per_family}"]
-        if sizes.human_demos:
-            cfg.data.paths.append(f"embedded:sft/oasst-best:{sizes.human_demos}")
-        if sizes.chat_demos:
-            cfg.data.paths.append(f"embedded:sft/hh-chosen:{sizes.chat_demos}")
+        cfg.data.paths = [f"tasks:{sizes.demos_per_family}", *_chat_demos(sizes)]
         sft.run(cfg, sft_dir)
     timings["sft"] = time.perf_counter() - t
 

@@ -389,6 +389,7 @@ def run(cfg: LoopConfig, people: PeopleLabels | None = None, feedback: FeedbackS
             prev = out / f"round-{r - 1}" / "report"
             # the untouched base too (when given): general chat is measured against it (the alignment tax)
             baselines = [policy] if policy == cfg.sft else [policy, cfg.sft]
+
             def eval_replies(spec: str, model: Any, tok: Any, prompts: list[dict]) -> tuple | None:
                 return cache.get((spec, "greedy")) if prompts == eval_prompts else None
 

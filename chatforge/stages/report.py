@@ -593,20 +593,27 @@ def _subjects(cfg: EvalConfig) -> list[Subject]:
     return out
 
 
+def _replies(reply_fn: ReplyFn | None, spec: str, model: Any, tok: Any, prompts: list[dict], max_new_tokens: int,
+             cfg: EvalConfig) -> tuple[list[str], list[str]]:
+    """reply_fn's replies where it has them, else generated (greedy by default, cfg.temperature)."""
+    from chatforge.stages.evaluate import generate_replies
+
+    given = reply_fn(spec, model, tok, prompts) if reply_fn is not None else None
+    return given if given is not None else generate_replies(model, tok, prompts, max_new_tokens, cfg.temperature,
+                                                            cfg.seed, cfg.batch_size)
+
+
 def _evaluate_subject(s: Subject, prompts: list[dict], cfg: EvalConfig, data_dir: Path | None,
                       sft_convs: list[dict] | None, reply_fn: ReplyFn | None, rm: tuple | None,
                       general: list[dict]) -> None:
     """Everything that needs this model in memory: replies, losses, bias probes; RM scores of its replies."""
     from chatforge.core.model import count_params, load_model_and_tokenizer
     from chatforge.evals.text import text_report
-    from chatforge.stages.evaluate import generate_replies
 
     print0(f"eval: {s.label} ({s.path})")
     model, tok, _ = load_model_and_tokenizer(str(s.path))
     model.eval()
-    given = reply_fn(s.spec, model, tok, prompts) if reply_fn is not None else None
-    s.replies, s.reasons = given if given is not None else generate_replies(
-        model, tok, prompts, cfg.max_new_tokens, cfg.temperature, cfg.seed, cfg.batch_size)
+    s.replies, s.reasons = _replies(reply_fn, s.spec, model, tok, prompts, cfg.max_new_tokens, cfg)
     m = read_manifest(s.run_dir) if s.run_dir else None
     r = s.result
     r.update(spec=s.spec, path=str(s.path), run_id=(m or {}).get("run_id"), stage=(m or {}).get("stage"),
@@ -619,9 +626,8 @@ def _evaluate_subject(s: Subject, prompts: list[dict], cfg: EvalConfig, data_dir
     r["bias"] = bias_report(model, tok, cfg) if cfg.bias else None
     if general:
         open_prompts = [{"messages": c["messages"][:-1]} for c in general]
-        given = reply_fn(s.spec, model, tok, open_prompts) if reply_fn is not None else None
-        s.general_replies, why = given if given is not None else generate_replies(
-            model, tok, open_prompts, cfg.general_max_new_tokens, cfg.temperature, cfg.seed, cfg.batch_size)
+        s.general_replies, why = _replies(reply_fn, s.spec, model, tok, open_prompts, cfg.general_max_new_tokens,
+                                          cfg)
         r["general"] = general_report(model, tok, general, s.general_replies, why, cfg)
     s.kl_reference = kl_reference(s) if cfg.kl else None
     if s.kl_reference is not None:  # sampled replies and their log-probs now; the reference is loaded later
