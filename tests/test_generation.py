@@ -365,3 +365,16 @@ def test_compiled_decoding_follows_lora_adapter_switches(model, tok, prompts):
         off_eager = run(peft_model, tok, prompts, greedy)
     assert [g[0].token_ids for g in off_compiled] == [g[0].token_ids for g in off_eager]
     assert [g[0].token_ids for g in off_compiled] != [g[0].token_ids for g in on]
+
+
+def test_sample_replies_draws_equal_one_draw_calls(model, tok):
+    """The eval's draws share one prefill per prompt; draw j must equal a one-draw call with seed + j (the
+    paired seeds the win rates rely on), in any batching."""
+    from chatforge.stages.evaluate import generate_replies, sample_replies
+
+    convs = [{"messages": [{"role": "user", "content": t}]} for t in PROMPT_TEXTS]
+    draws = sample_replies(model, tok, convs, max_new_tokens=8, temperature=1.0, seed=3, num_samples=3, batch_size=2)
+    assert len(draws) == 3 and all(len(texts) == len(convs) == len(why) for texts, why in draws)
+    assert len({tuple(texts) for texts, _ in draws}) == 3  # different seeds, different draws
+    for j, drawn in enumerate(draws):
+        assert drawn == generate_replies(model, tok, convs, max_new_tokens=8, temperature=1.0, seed=3 + j)

@@ -15,11 +15,19 @@ from chatforge.core.tokenizer import render_for_completion, stop_token_ids
 
 def generate_replies(model: Any, tok: Any, prompts: list[dict], max_new_tokens: int = 48, temperature: float = 0.0,
                      seed: int = 0, batch_size: int = 32) -> tuple[list[str], list[str]]:
-    """One reply per prompt (greedy by default) with the engine; returns (texts, finish reasons).
+    """One reply per prompt (greedy by default) with the engine; returns (texts, finish reasons)."""
+    return sample_replies(model, tok, prompts, max_new_tokens, temperature, seed, 1, batch_size)[0]
 
-    The engine runs `batch_size` prompts at a time, grouped by length (held-out conversations range from 30 to
-    700 tokens: batched in file order, most of a batch's prefill is padding); every row has its own seed, so
-    the replies do not depend on the grouping."""
+
+def sample_replies(model: Any, tok: Any, prompts: list[dict], max_new_tokens: int, temperature: float, seed: int,
+                   num_samples: int, batch_size: int = 32) -> list[tuple[list[str], list[str]]]:
+    """`num_samples` draws of one reply per prompt: draw j = (texts, finish reasons) with seed `seed + j`.
+
+    Each prompt is prefilled once for all its draws (the engine repeats its KV cache; on 60-token task prompts
+    and 32-token replies the prefill is most of the compute), and draw j equals a one-draw call with seed
+    seed + j. The engine runs `batch_size` prompts at a time, grouped by length (held-out conversations range
+    from 30 to 700 tokens: batched in file order, most of a batch's prefill is padding); every row has its own
+    seed, so the replies do not depend on the grouping."""
     from chatforge.core.generation import SamplingParams, generate
 
     context = model.config.max_position_embeddings
@@ -27,8 +35,8 @@ def generate_replies(model: Any, tok: Any, prompts: list[dict], max_new_tokens: 
     params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     with torch.inference_mode():
         gens = generate(model, ids, params, stop_token_ids=stop_token_ids(tok), pad_id=tok.pad_token_id,
-                        tokenizer=tok, batch_size=batch_size)
-    return [g[0].text.strip() for g in gens], [g[0].finish_reason for g in gens]
+                        tokenizer=tok, batch_size=batch_size, num_samples=num_samples)
+    return [([g[j].text.strip() for g in gens], [g[j].finish_reason for g in gens]) for j in range(num_samples)]
 
 
 def task_accuracy(prompts: list[dict], replies: list[str]) -> dict[str, dict]:

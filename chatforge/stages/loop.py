@@ -228,18 +228,21 @@ def compare_models(model_m: str, model_b: str, prompts: list[dict], judge: str, 
 
     from chatforge.core.model import load_model_and_tokenizer
     from chatforge.evals.stats import bootstrap_ci, length_controlled_win_rate, win_rate
-    from chatforge.stages.evaluate import generate_replies, task_accuracy
+    from chatforge.stages.evaluate import generate_replies, sample_replies, task_accuracy
 
     cache = {} if cache is None else cache
     draws = [("greedy", 0.0, 0)] + [(f"T{temperature}-s{s}", temperature, s) for s in range(samples)]
     for spec in (model_m, model_b):
-        missing = [d for d in draws if (spec, d[0]) not in cache]
-        if missing:
-            model, tok, _ = load_model_and_tokenizer(spec)
-            model.eval()
-            for key, temp, seed in missing:  # (texts, finish reasons)
-                cache[(spec, key)] = generate_replies(model, tok, prompts, max_new_tokens=max_new_tokens,
-                                                      temperature=temp, seed=seed)
+        if all((spec, d[0]) in cache for d in draws):
+            continue
+        model, tok, _ = load_model_and_tokenizer(spec)
+        model.eval()
+        if (spec, "greedy") not in cache:  # (texts, finish reasons)
+            cache[(spec, "greedy")] = generate_replies(model, tok, prompts, max_new_tokens=max_new_tokens)
+        if any((spec, key) not in cache for key, _, _ in draws[1:]):  # one prefill per prompt for all samples
+            for (key, _, _), drawn in zip(draws[1:], sample_replies(model, tok, prompts, max_new_tokens,
+                                                                    temperature, 0, samples), strict=True):
+                cache[(spec, key)] = drawn
 
     def outcomes_of(key: str, judge_spec: str) -> list[float]:
         (m, why_m), (b, why_b) = cache[(model_m, key)], cache[(model_b, key)]
@@ -287,8 +290,14 @@ def rm_score_change(rm: str, prompts: list[dict], replies: dict[str, tuple[tuple
 
     model, tok, norm = load_reward_model(rm)
     msgs = [p["messages"] for p in prompts]
-    scores = {key: [np.array(score_texts(model, tok, msgs, texts, norm, finished=[w != "length" for w in why]))
-                    for texts, why in pair] for key, pair in replies.items()}
+    # one call for every draw of both models: score_texts scores each distinct sequence once, and greedy and
+    # sampled replies of a sharpened policy often coincide
+    lists = [(key, side, texts, why) for key, pair in replies.items() for side, (texts, why) in enumerate(pair)]
+    flat = score_texts(model, tok, msgs * len(lists), [t for _, _, texts, _ in lists for t in texts], norm,
+                       finished=[w != "length" for _, _, _, why in lists for w in why])
+    scores: dict[str, list] = {key: [None, None] for key in replies}
+    for i, (key, side, _, _) in enumerate(lists):
+        scores[key][side] = np.array(flat[i * len(msgs): (i + 1) * len(msgs)])
 
     def change(keys: list[str]) -> dict:
         m = np.mean([scores[k][0] for k in keys], axis=0)

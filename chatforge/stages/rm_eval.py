@@ -278,7 +278,7 @@ def best_of_n(reward: str, policy: str, prompts: str, ns: list[int], gold: str, 
     from chatforge.data.prompts import load_prompts
     from chatforge.data.tasks import find_family
     from chatforge.evals.stats import bootstrap_ci
-    from chatforge.stages.evaluate import generate_replies
+    from chatforge.stages.evaluate import sample_replies
 
     if not ns or min(ns) < 1:
         raise UserError("best-of needs n >= 1")
@@ -292,8 +292,7 @@ def best_of_n(reward: str, policy: str, prompts: str, ns: list[int], gold: str, 
     model, tok, src = load_model_and_tokenizer(policy)
     model.eval()
     n_max = max(ns)
-    drawn = [generate_replies(model, tok, items, max_new_tokens=max_new_tokens, temperature=temperature,
-                              seed=seed + s) for s in range(n_max)]
+    drawn = sample_replies(model, tok, items, max_new_tokens, temperature, seed, n_max)
     del model
     samples = [texts for texts, _ in drawn]
     ended = [[why != "length" for why in reasons] for _, reasons in drawn]  # both judges see cut-off replies
