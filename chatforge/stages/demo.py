@@ -84,7 +84,7 @@ BASE = DemoSizes(depth=0, pretrain_steps=0, sft_steps=32, demos_per_family=40, e
                  sample_prompts_per_family=40, k=4, seq_len=256, batch_size=8, rounds=1, rm_steps=60,
                  ppo_steps=24, ppo_batch=16, ppo_prompts_per_family=16, ppo_lr=1e-4, reply_tokens=32,
                  human_demos=32, chat_demos=64, sft_lr=5e-4, rm_lr=1e-3, rm_warmup=4, lora=True, rl=RLOO_GOLD,
-                 ptx_coef=0.5, ptx_batch=1, report_bias=False)
+                 ptx_coef=0.5, report_bias=False)
 # with a GPU the same recipe gets the budget RL needs (thousands of PPO episodes, a better-fed RM)
 BASE_GPU = replace(BASE, sft_steps=200, demos_per_family=200, human_demos=95, chat_demos=400,
                    sample_prompts_per_family=200,
