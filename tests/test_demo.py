@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from chatforge.core.io import UserError
 from chatforge.stages.loop import LoopConfig, judged_outcomes
 from chatforge.stages.loop import run as run_loop
 
@@ -181,3 +182,21 @@ def test_compare_models_sampled_replies_use_paired_seeds(tiny_tokenizer, tiny_mo
         assert sampled["win_rate"] == 0.5 and sampled["ci_bootstrap"] == [0.5, 0.5]
         assert sampled["n_prompts"] == len(prompts) and sampled["paired_seeds"] == [0, 1]
     assert res["gold"]["greedy"]["ties"] == len(prompts)
+
+
+def test_loop_reward_model_from_another_trunk_and_tokenizer(demo_dir, tmp_path, tiny_tokenizer, tiny_model_factory):
+    """`rm_model`: the first round's RM starts from another model (here with another tokenizer than the policy's);
+    PPO scores the policy's replies through it as text."""
+    trunk = tmp_path / "trunk"
+    tiny_model_factory(tiny_tokenizer, hidden=32, layers=1, heads=2).save_pretrained(trunk)
+    tiny_tokenizer.save_pretrained(trunk)
+    cfg = LoopConfig(**json.loads((demo_dir / "loop" / "loop_config.json").read_text()))
+    cfg.out, cfg.rounds, cfg.report, cfg.rm_model = str(tmp_path / "loop"), 1, False, str(trunk)
+    res = run_loop(cfg)
+    rm_manifest = json.loads((tmp_path / "loop" / "round-1" / "rm" / "manifest.json").read_text())
+    assert rm_manifest["config"]["model"] == str(trunk)
+    assert len(res["rounds"]) == 1 and json.loads((tmp_path / "loop" / "round-1" / "policy" / "manifest.json")
+                                                  .read_text())["status"] == "completed"
+    cfg.rm_model = str(tmp_path / "missing")
+    with pytest.raises(UserError, match="missing"):
+        run_loop(cfg)

@@ -89,6 +89,10 @@ class LoopConfig:
     wait_seconds: int = 3600
     algo: Literal["ppo", "dpo", "grpo", "bon"] = "ppo"
     """ppo | dpo | grpo | bon (best-of-n distillation: sample n, the round's RM picks, SFT on the picks)."""
+    rm_model: str | None = None
+    """The first round's reward model starts from this model instead of the SFT model (later rounds continue the
+    last RM), e.g. a pretrained trunk larger than a small policy's (the sizes need not match: InstructGPT paired a
+    6B RM with its 175B policy). The RM reads prompt and reply as text, so its tokenizer may differ."""
     rm_set: list[str] = field(default_factory=list)
     """--set overrides for each round's reward model (e.g. train.max_steps=200)."""
     algo_set: list[str] = field(default_factory=list)
@@ -177,7 +181,7 @@ def _train_rm(cfg: LoopConfig, r: int, cmp_paths: list[Path], prev_rm: Path | No
     from chatforge.stages import rm
 
     rcfg = load_config(RMConfig, None, cfg.rm_set)
-    rcfg.model = str(prev_rm / "model") if prev_rm else cfg.sft
+    rcfg.model = str(prev_rm / "model") if prev_rm else (cfg.rm_model or cfg.sft)
     rcfg.data.paths = [str(p) for p in cmp_paths]
     rm.run(rcfg, out)
 
@@ -335,6 +339,8 @@ def run(cfg: LoopConfig, people: PeopleLabels | None = None, feedback: FeedbackS
     from chatforge.stages.sample import load_prompts
 
     resolve_model_path(cfg.sft)  # fail early on a missing model
+    if cfg.rm_model:
+        resolve_model_path(cfg.rm_model)
     if cfg.feedback_db and feedback is None:
         raise UserError("feedback_db needs the server's export: run it as `chatforge loop` (or pass "
                         "feedback=chatforge.server.rounds.DBFeedback(URL) to loop.run)")
