@@ -235,16 +235,16 @@ def compare_models(model_m: str, model_b: str, prompts: list[dict], judge: str, 
     from chatforge.stages.evaluate import generate_replies, sample_replies, task_accuracy
 
     cache = {} if cache is None else cache
-    draws = [("greedy", 0.0, 0)] + [(f"T{temperature}-s{s}", temperature, s) for s in range(samples)]
+    draws = ["greedy", *(f"T{temperature}-s{s}" for s in range(samples))]  # sample s: seed s, paired
     for spec in (model_m, model_b):
-        if all((spec, d[0]) in cache for d in draws):
+        if all((spec, d) in cache for d in draws):
             continue
         model, tok, _ = load_model_and_tokenizer(spec)
         model.eval()
         if (spec, "greedy") not in cache:  # (texts, finish reasons)
             cache[(spec, "greedy")] = generate_replies(model, tok, prompts, max_new_tokens=max_new_tokens)
-        if any((spec, key) not in cache for key, _, _ in draws[1:]):  # one prefill per prompt for all samples
-            for (key, _, _), drawn in zip(draws[1:], sample_replies(model, tok, prompts, max_new_tokens,
+        if any((spec, key) not in cache for key in draws[1:]):  # one prefill per prompt for all samples
+            for key, drawn in zip(draws[1:], sample_replies(model, tok, prompts, max_new_tokens,
                                                                     temperature, 0, samples), strict=True):
                 cache[(spec, key)] = drawn
 
@@ -262,7 +262,7 @@ def compare_models(model_m: str, model_b: str, prompts: list[dict], judge: str, 
                  "accuracy_baseline": task_accuracy(prompts, greedy_b)}
 
     def sampled(judge_spec: str) -> dict:
-        per = [outcomes_of(k, judge_spec) for k, _, _ in draws[1:]]
+        per = [outcomes_of(k, judge_spec) for k in draws[1:]]
         y = np.mean(np.array(per), axis=0)
         lo, hi = bootstrap_ci(y, np.mean)
         return {"win_rate": float(y.mean()), "ci_bootstrap": [float(lo), float(hi)], "n_prompts": len(y),
@@ -271,13 +271,13 @@ def compare_models(model_m: str, model_b: str, prompts: list[dict], judge: str, 
     if samples:
         res["panel_sampled"] = sampled(judge)
         acc = [task_accuracy(prompts, cache[(m, k)][0])["all"]["accuracy"] for m in (model_m, model_b)
-               for k, _, _ in draws[1:]]
+               for k in draws[1:]]
         res["sampled_accuracy"] = {"model": float(np.mean(acc[:samples])), "baseline": float(np.mean(acc[samples:]))}
     if gold:
         res["gold"] = {"judge": gold, "greedy": win_rate(outcomes_of("greedy", gold)),
                        **({"sampled": sampled(gold)} if samples else {})}
     if rm:
-        res["rm_score"] = rm_score_change(rm, prompts, {k: (cache[(model_m, k)], cache[(model_b, k)]) for k, _, _ in draws})
+        res["rm_score"] = rm_score_change(rm, prompts, {k: (cache[(model_m, k)], cache[(model_b, k)]) for k in draws})
     return res
 
 
